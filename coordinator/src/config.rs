@@ -1,0 +1,523 @@
+//! The job file (`job.toml`): every key, its default, and validation that reports every
+//! problem at once. Unknown keys are an error that names the key.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// A whole job: what to train, on what data, how, where, and where to keep checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// `[job]`: identity and randomness.
+    pub job: JobSection,
+    /// `[model]`: which family and preset.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// `[data]`: training and held-out data.
+    pub data: DataSection,
+    /// `[train]`: optimisation.
+    #[serde(default)]
+    pub train: TrainSection,
+    /// `[cluster]`: membership, rendezvous and collectives.
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    /// `[checkpoint]`: where and when state is saved.
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    /// `[telemetry]`: logs.
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+/// `[job]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Job id; every RPC carries it. Letters, digits, `-`, `_` and `.`.
+    pub name: String,
+    /// Seed of the data order, augmentation and initialisation. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// `[model]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Model family. Default `"clip"`.
+    #[serde(default = "default_family")]
+    pub family: String,
+    /// Preset of the family: `tiny`, `vit-b-32`, `vit-b-16`. Default `"tiny"`.
+    #[serde(default = "default_preset")]
+    pub preset: String,
+    /// Use QuickGELU (OpenAI CLIP weights) instead of GELU. Default false.
+    #[serde(default)]
+    pub quick_gelu: bool,
+}
+
+/// `[data]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training manifest: a path or URL (`file://`) of the `manifest.json` written by `braid data index`.
+    pub train: String,
+    /// Held-out manifest for `braid eval` and the end-of-run evaluation. Optional.
+    #[serde(default)]
+    pub eval: Option<String>,
+    /// Tokenizer: `"clip-bpe"` (open_clip's byte-level BPE) or a path to a Hugging Face
+    /// `tokenizer.json`; relative paths are resolved against the job file. Default `"clip-bpe"`.
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: String,
+    /// Threads that decode and augment images on each worker. Default 2.
+    #[serde(default = "default_decode_threads")]
+    pub decode_threads: usize,
+    /// Batches each worker keeps decoded ahead of training. Default 2.
+    #[serde(default = "default_prefetch_batches")]
+    pub prefetch_batches: usize,
+    /// Random-resized-crop scale range lower bound for training augmentation (1.0 = no crop). Default 0.9.
+    #[serde(default = "default_min_crop_scale")]
+    pub min_crop_scale: f64,
+    /// Samples that may fail to decode before the job stops. Default 100.
+    #[serde(default = "default_max_corrupt_samples")]
+    pub max_corrupt_samples: u64,
+    /// Shards per shuffle window of the global sample order. Default 4.
+    #[serde(default = "default_shuffle_window")]
+    pub shuffle_window_shards: usize,
+}
+
+/// `[train]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Samples per optimizer step across all workers; fixed for the job. Default 64.
+    #[serde(default = "default_global_batch")]
+    pub global_batch: usize,
+    /// Largest per-worker forward batch; a rank's share above it is split into gradient
+    /// accumulation micro-batches. Default 0 = no limit.
+    #[serde(default)]
+    pub max_micro_batch: usize,
+    /// Optimizer steps. Default 100.
+    #[serde(default = "default_steps")]
+    pub steps: u64,
+    /// Peak learning rate. Default 5e-4.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay. Default 0.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Linear warmup steps. Default 10.
+    #[serde(default = "default_warmup")]
+    pub warmup_steps: u64,
+    /// Decoupled weight decay (not applied to norms, biases, embeddings, logit scale). Default 0.2.
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// AdamW beta1. Default 0.9.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// AdamW beta2. Default 0.98.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// AdamW epsilon. Default 1e-6.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this value; 0 disables. Default 1.0.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+    /// `fp32`, `fp64` (exactness tests) or `bf16`. Default `fp32`.
+    #[serde(default = "default_precision")]
+    pub precision: String,
+    /// Intra-op threads per worker for CPU math; 0 = libtorch's default. Default 0.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Fewest workers a generation needs. Default 1.
+    #[serde(default = "default_one")]
+    pub min_workers: usize,
+    /// Most workers a generation admits. Default 1 (`braid run --workers N` sets both to N).
+    #[serde(default = "default_one")]
+    pub max_workers: usize,
+    /// Seconds of silence after which a worker is dead. Default 30.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_s: f64,
+    /// Seconds a rendezvous waits for more than `min_workers` before forming a generation. Default 5.
+    #[serde(default = "default_rendezvous_grace")]
+    pub rendezvous_grace_s: f64,
+    /// Bound on every collective call, in seconds. Default 60.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_s: f64,
+    /// Device of each worker: `cpu`, `cuda` (one per local GPU) or `cuda:N`. Default `cpu`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+/// `[checkpoint]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Where checkpoints go (a path or `file://` URL). Default: none (no checkpoints).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Checkpoint every N steps; 0 = only at the end. Default 0.
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Committed checkpoints to keep. Default 3.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Resume from the checkpoint that `latest` points at, if there is one. Default true.
+    #[serde(default = "default_true")]
+    pub resume: bool,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// `text` or `json` log lines. Default `text`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+    /// Log every N steps. Default 10.
+    #[serde(default = "default_log_every")]
+    pub log_every_steps: u64,
+}
+
+fn default_family() -> String {
+    "clip".into()
+}
+fn default_preset() -> String {
+    "tiny".into()
+}
+fn default_tokenizer() -> String {
+    "clip-bpe".into()
+}
+fn default_decode_threads() -> usize {
+    2
+}
+fn default_prefetch_batches() -> usize {
+    2
+}
+fn default_min_crop_scale() -> f64 {
+    0.9
+}
+fn default_max_corrupt_samples() -> u64 {
+    100
+}
+fn default_shuffle_window() -> usize {
+    4
+}
+fn default_global_batch() -> usize {
+    64
+}
+fn default_steps() -> u64 {
+    100
+}
+fn default_lr() -> f64 {
+    5e-4
+}
+fn default_warmup() -> u64 {
+    10
+}
+fn default_weight_decay() -> f64 {
+    0.2
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.98
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+fn default_precision() -> String {
+    "fp32".into()
+}
+fn default_one() -> usize {
+    1
+}
+fn default_heartbeat_timeout() -> f64 {
+    30.0
+}
+fn default_rendezvous_grace() -> f64 {
+    5.0
+}
+fn default_collective_timeout() -> f64 {
+    60.0
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_keep() -> usize {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_every() -> u64 {
+    10
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self { family: default_family(), preset: default_preset(), quick_gelu: false }
+    }
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            global_batch: default_global_batch(),
+            max_micro_batch: 0,
+            steps: default_steps(),
+            lr: default_lr(),
+            min_lr: 0.0,
+            warmup_steps: default_warmup(),
+            weight_decay: default_weight_decay(),
+            beta1: default_beta1(),
+            beta2: default_beta2(),
+            eps: default_eps(),
+            grad_clip: default_grad_clip(),
+            precision: default_precision(),
+            threads: 0,
+        }
+    }
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            min_workers: 1,
+            max_workers: 1,
+            heartbeat_timeout_s: default_heartbeat_timeout(),
+            rendezvous_grace_s: default_rendezvous_grace(),
+            collective_timeout_s: default_collective_timeout(),
+            device: default_device(),
+        }
+    }
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self { url: None, every_steps: 0, keep: default_keep(), resume: true }
+    }
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        Self { log_format: default_log_format(), log_every_steps: default_log_every() }
+    }
+}
+
+/// Model families braid can train today.
+pub const FAMILIES: &[&str] = &["clip"];
+/// Presets of the CLIP family.
+pub const CLIP_PRESETS: &[&str] = &["tiny", "vit-b-32", "vit-b-16"];
+
+impl JobConfig {
+    /// Parses a job file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config {
+            origin: origin.to_string(),
+            problems: vec![e.to_string().trim().to_string()],
+        })
+    }
+
+    /// Reads and parses a job file, resolving relative data paths against its folder, then validates it.
+    pub fn load(path: &Path) -> Result<Self> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config { origin: origin.clone(), problems: vec![format!("cannot read: {e}")] })?;
+        let mut config = Self::parse(&text, &origin)?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        config.resolve_paths(base);
+        config.validate(&origin)?;
+        Ok(config)
+    }
+
+    /// Makes relative local paths absolute against `base` (the job file's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |s: &mut String| {
+            if !s.contains("://") && Path::new(s.as_str()).is_relative() {
+                *s = base.join(s.as_str()).display().to_string();
+            }
+        };
+        resolve(&mut self.data.train);
+        if let Some(eval) = self.data.eval.as_mut() {
+            resolve(eval);
+        }
+        if self.data.tokenizer != "clip-bpe" {
+            resolve(&mut self.data.tokenizer);
+        }
+        if let Some(url) = self.checkpoint.url.as_mut() {
+            resolve(url);
+        }
+    }
+
+    /// Checks every field and reports all problems together.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let mut p = Vec::new();
+        let name_ok = !self.job.name.is_empty()
+            && self.job.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            p.push(format!("job.name = {:?}: use letters, digits, '-', '_' and '.'", self.job.name));
+        }
+        if !FAMILIES.contains(&self.model.family.as_str()) {
+            p.push(format!("model.family = {:?}: known families are {:?}", self.model.family, FAMILIES));
+        } else if self.model.family == "clip" && !CLIP_PRESETS.contains(&self.model.preset.as_str()) {
+            p.push(format!("model.preset = {:?}: CLIP presets are {:?}", self.model.preset, CLIP_PRESETS));
+        }
+        if self.data.train.is_empty() {
+            p.push("data.train is empty: give the manifest written by `braid data index`".into());
+        }
+        if self.data.decode_threads == 0 {
+            p.push("data.decode_threads = 0: need at least 1".into());
+        }
+        if self.data.prefetch_batches == 0 {
+            p.push("data.prefetch_batches = 0: need at least 1".into());
+        }
+        if !(self.data.min_crop_scale > 0.0 && self.data.min_crop_scale <= 1.0) {
+            p.push(format!("data.min_crop_scale = {}: must be in (0, 1]", self.data.min_crop_scale));
+        }
+        if self.data.shuffle_window_shards == 0 {
+            p.push("data.shuffle_window_shards = 0: need at least 1".into());
+        }
+        let t = &self.train;
+        if t.global_batch == 0 {
+            p.push("train.global_batch = 0: need at least 1".into());
+        }
+        if t.steps == 0 {
+            p.push("train.steps = 0: need at least 1".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            p.push(format!("train.lr = {}: must be positive", t.lr));
+        }
+        if t.min_lr < 0.0 || t.min_lr > t.lr {
+            p.push(format!("train.min_lr = {}: must be in [0, lr]", t.min_lr));
+        }
+        if t.weight_decay < 0.0 {
+            p.push(format!("train.weight_decay = {}: must be >= 0", t.weight_decay));
+        }
+        for (k, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                p.push(format!("{k} = {v}: must be in [0, 1)"));
+            }
+        }
+        if t.eps <= 0.0 {
+            p.push(format!("train.eps = {}: must be positive", t.eps));
+        }
+        if t.grad_clip < 0.0 {
+            p.push(format!("train.grad_clip = {}: must be >= 0 (0 disables)", t.grad_clip));
+        }
+        if !["fp32", "fp64", "bf16"].contains(&t.precision.as_str()) {
+            p.push(format!("train.precision = {:?}: use fp32, fp64 or bf16", t.precision));
+        }
+        let c = &self.cluster;
+        if c.min_workers == 0 || c.min_workers > c.max_workers {
+            p.push(format!(
+                "cluster.min_workers = {} and max_workers = {}: need 1 <= min_workers <= max_workers",
+                c.min_workers, c.max_workers
+            ));
+        }
+        if t.global_batch > 0 && t.global_batch < c.max_workers {
+            p.push(format!(
+                "train.global_batch = {} is smaller than cluster.max_workers = {}: every rank needs a sample",
+                t.global_batch, c.max_workers
+            ));
+        }
+        for (k, v) in [
+            ("cluster.heartbeat_timeout_s", c.heartbeat_timeout_s),
+            ("cluster.collective_timeout_s", c.collective_timeout_s),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                p.push(format!("{k} = {v}: must be a positive number of seconds"));
+            }
+        }
+        if c.rendezvous_grace_s < 0.0 {
+            p.push(format!("cluster.rendezvous_grace_s = {}: must be >= 0", c.rendezvous_grace_s));
+        }
+        let device_ok = c.device == "cpu"
+            || c.device == "cuda"
+            || c.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+        if !device_ok {
+            p.push(format!("cluster.device = {:?}: use cpu, cuda or cuda:N", c.device));
+        }
+        if self.checkpoint.keep == 0 {
+            p.push("checkpoint.keep = 0: keep at least 1".into());
+        }
+        if self.checkpoint.every_steps > 0 && self.checkpoint.url.is_none() {
+            p.push("checkpoint.every_steps is set but checkpoint.url is not".into());
+        }
+        if !["text", "json"].contains(&self.telemetry.log_format.as_str()) {
+            p.push(format!("telemetry.log_format = {:?}: use text or json", self.telemetry.log_format));
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config { origin: origin.to_string(), problems: p })
+        }
+    }
+
+    /// Serialises back to TOML (sent to workers in the join reply).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a JobConfig always serialises")
+    }
+
+    /// Hex sha256 of the canonical TOML form; recorded in checkpoints.
+    pub fn hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(self.to_toml().as_bytes()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[job]\nname = \"t\"\n[data]\ntrain = \"/d/manifest.json\"\n";
+
+    #[test]
+    fn defaults_fill_every_section() {
+        let c = JobConfig::parse(MINIMAL, "mem").unwrap();
+        c.validate("mem").unwrap();
+        assert_eq!(c.model.family, "clip");
+        assert_eq!(c.train.global_batch, 64);
+        assert_eq!(c.cluster.device, "cpu");
+        assert_eq!(c.checkpoint.keep, 3);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = format!("{MINIMAL}[train]\nlearning_rate = 0.1\n");
+        let err = JobConfig::parse(&text, "job.toml").unwrap_err().to_string();
+        assert!(err.contains("learning_rate"), "{err}");
+        assert!(err.contains("job.toml"), "{err}");
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let text = format!("{MINIMAL}[train]\nglobal_batch = 0\nprecision = \"fp8\"\n");
+        let err = JobConfig::parse(&text, "j").unwrap().validate("j").unwrap_err().to_string();
+        assert!(err.contains("global_batch"), "{err}");
+        assert!(err.contains("fp8"), "{err}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = JobConfig::parse(MINIMAL, "mem").unwrap();
+        let again = JobConfig::parse(&c.to_toml(), "again").unwrap();
+        assert_eq!(c, again);
+        assert_eq!(c.hash(), again.hash());
+    }
+}

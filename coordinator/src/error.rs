@@ -1,0 +1,79 @@
+//! The coordinator crate's error type and its mapping to gRPC status codes.
+
+/// Everything that can go wrong in the coordinator crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A job file that failed to parse or validate; every problem is listed.
+    #[error("invalid job config {origin}:\n  - {}", problems.join("\n  - "))]
+    Config {
+        /// Where the config came from.
+        origin: String,
+        /// Every problem found.
+        problems: Vec<String>,
+    },
+    /// A dataset manifest that could not be read.
+    #[error("invalid dataset manifest {origin}: {reason}")]
+    Manifest {
+        /// Where the manifest came from.
+        origin: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// An object-store operation failed.
+    #[error("object store {url}: {source}")]
+    Store {
+        /// The location involved.
+        url: String,
+        /// The underlying error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A URL or path that cannot be used as an object-store location.
+    #[error("bad location {url:?}: {reason}")]
+    BadUrl {
+        /// The location as given.
+        url: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// A request for another job.
+    #[error("job id mismatch: this coordinator runs job {expected:?}, the request is for {got:?}")]
+    JobMismatch {
+        /// This coordinator's job.
+        expected: String,
+        /// The job named in the request.
+        got: String,
+    },
+    /// A peer that speaks another protocol version.
+    #[error("protocol version mismatch: coordinator speaks {expected}, the peer speaks {got}")]
+    ProtocolMismatch {
+        /// This coordinator's version.
+        expected: u32,
+        /// The peer's version.
+        got: u32,
+    },
+    /// A request naming a worker this coordinator does not know (or that was declared dead).
+    #[error("unknown worker {0:?}: join again")]
+    UnknownWorker(String),
+    /// A request that is malformed or does not fit the current state.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A checkpoint commit that failed.
+    #[error("checkpoint commit failed: {0}")]
+    Checkpoint(String),
+}
+
+/// Result with the coordinator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::Config { .. } | Error::InvalidRequest(_) | Error::BadUrl { .. } => tonic::Status::invalid_argument(msg),
+            Error::JobMismatch { .. } | Error::ProtocolMismatch { .. } => tonic::Status::failed_precondition(msg),
+            Error::UnknownWorker(_) => tonic::Status::not_found(msg),
+            Error::Manifest { .. } | Error::Store { .. } | Error::Checkpoint(_) => tonic::Status::internal(msg),
+        }
+    }
+}

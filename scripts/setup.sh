@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what braid needs to build and run: a project-local venv with torch==2.11.0 (libtorch
+# for tch 0.24), and with `--test` the Python reference packages the test suite compares against.
+# A no-op when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+TEST_PACKAGES=(open-clip-torch==3.3.0 safetensors numpy pillow ftfy regex)
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv" >&2
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION into .venv (a few minutes, once)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+torch_dir=$(.venv/bin/python -c "import os, torch; print(os.path.dirname(torch.__file__))")
+ln -sfn "$torch_dir" .venv/torch
+
+if [[ "${1:-}" == "--test" ]]; then
+  if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy" 2>/dev/null; then
+    echo "setup: installing test reference packages into .venv" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "${TEST_PACKAGES[@]}"
+  fi
+fi

@@ -1,0 +1,1 @@
+//! Collectives: the `Collective` trait with a TCP ring engine (CPU) and an NCCL engine (CUDA).

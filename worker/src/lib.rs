@@ -1,0 +1,4 @@
+//! braid's worker: models, objectives, data, collectives, trainer and checkpoints.
+
+pub mod collective;
+pub mod data;
