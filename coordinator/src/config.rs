@@ -55,6 +55,9 @@ pub struct ModelSection {
     /// Use QuickGELU (OpenAI CLIP weights) instead of GELU. Default false.
     #[serde(default)]
     pub quick_gelu: bool,
+    /// Text context length in tokens. Default: the preset's (`tiny` 32, base presets 77).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
 }
 
 /// `[data]`
@@ -66,6 +69,10 @@ pub struct DataSection {
     /// Held-out manifest for `braid eval` and the end-of-run evaluation. Optional.
     #[serde(default)]
     pub eval: Option<String>,
+    /// Class names and prompt templates for zero-shot evaluation (`classes.json` as written by
+    /// `braid data synth`). Default: `classes.json` in the folder above the eval manifest, if any.
+    #[serde(default)]
+    pub classes: Option<String>,
     /// Tokenizer: `"clip-bpe"` (open_clip's byte-level BPE) or a path to a Hugging Face
     /// `tokenizer.json`; relative paths are resolved against the job file. Default `"clip-bpe"`.
     #[serde(default = "default_tokenizer")]
@@ -271,7 +278,7 @@ fn default_log_every() -> u64 {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { family: default_family(), preset: default_preset(), quick_gelu: false }
+        Self { family: default_family(), preset: default_preset(), quick_gelu: false, context_length: None }
     }
 }
 
@@ -357,6 +364,9 @@ impl JobConfig {
         if let Some(eval) = self.data.eval.as_mut() {
             resolve(eval);
         }
+        if let Some(classes) = self.data.classes.as_mut() {
+            resolve(classes);
+        }
         if self.data.tokenizer != "clip-bpe" {
             resolve(&mut self.data.tokenizer);
         }
@@ -380,6 +390,9 @@ impl JobConfig {
         }
         if self.data.train.is_empty() {
             p.push("data.train is empty: give the manifest written by `braid data index`".into());
+        }
+        if self.model.context_length == Some(0) {
+            p.push("model.context_length = 0: need at least 2 tokens".into());
         }
         if self.data.decode_threads == 0 {
             p.push("data.decode_threads = 0: need at least 1".into());

@@ -61,6 +61,43 @@ pub enum Error {
     /// A checkpoint commit that failed.
     #[error("checkpoint commit failed: {0}")]
     Checkpoint(String),
+    /// A request made for a generation that is not the worker's live generation.
+    #[error("worker {worker:?} asked about generation {got}, but {}; rendezvous again", match current {
+        Some(g) => format!("its live generation is {g}"),
+        None => "it is in no live generation".to_string(),
+    })]
+    StaleGeneration {
+        /// The worker.
+        worker: String,
+        /// The generation named in the request.
+        got: u64,
+        /// The worker's live generation, if any.
+        current: Option<u64>,
+    },
+    /// The coordinator could not be reached within the connect timeout.
+    #[error("cannot reach coordinator at {addr}: {reason}")]
+    Unreachable {
+        /// The address tried.
+        addr: String,
+        /// The last connection error.
+        reason: String,
+    },
+    /// Something that did not happen within its time limit.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The gRPC server failed.
+    #[error("coordinator server: {0}")]
+    Serve(String),
+    /// An RPC the coordinator answered with an error status.
+    #[error("coordinator refused {rpc} ({code:?}): {message}")]
+    Rpc {
+        /// The RPC's name.
+        rpc: &'static str,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The coordinator's message.
+        message: String,
+    },
 }
 
 /// Result with the coordinator's [`Error`].
@@ -74,6 +111,11 @@ impl From<Error> for tonic::Status {
             Error::JobMismatch { .. } | Error::ProtocolMismatch { .. } => tonic::Status::failed_precondition(msg),
             Error::UnknownWorker(_) => tonic::Status::not_found(msg),
             Error::Manifest { .. } | Error::Store { .. } | Error::Checkpoint(_) => tonic::Status::internal(msg),
+            Error::StaleGeneration { .. } => tonic::Status::aborted(msg),
+            Error::Unreachable { .. } => tonic::Status::unavailable(msg),
+            Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
+            Error::Serve(_) => tonic::Status::internal(msg),
+            Error::Rpc { code, message, .. } => tonic::Status::new(code, message),
         }
     }
 }

@@ -2,3 +2,6 @@
 
 pub mod collective;
 pub mod data;
+pub mod models;
+pub mod objectives;
+pub mod optim;

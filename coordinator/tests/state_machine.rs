@@ -1,0 +1,585 @@
+//! The coordinator's state machine driven by a hand-moved clock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use braid_coordinator::config::JobConfig;
+use braid_coordinator::manifest::{DatasetManifest, SampleEntry, ShardEntry, MANIFEST_VERSION};
+use braid_coordinator::state::{Action, CommitPlan, CommittedCheckpoint, Coordinator, MemberState};
+use braid_coordinator::Error;
+use braid_proto::{
+    CheckpointPart, CheckpointVote, CorruptReport, DataPlanRequest, Header, HeartbeatRequest, JoinRequest,
+    LeaveRequest, PublishBootstrapRequest, RendezvousReply, RendezvousRequest, RendezvousState, StepReport,
+    PROTOCOL_VERSION,
+};
+
+const JOB: &str = "test-job";
+
+fn config(min: usize, max: usize, extra: &str) -> JobConfig {
+    let text = format!(
+        "[job]\nname = \"{JOB}\"\nseed = 7\n[data]\ntrain = \"/data/manifest.json\"\nmax_corrupt_samples = 2\n\
+         [train]\nglobal_batch = 8\nsteps = 10\n\
+         [cluster]\nmin_workers = {min}\nmax_workers = {max}\nheartbeat_timeout_s = 30\nrendezvous_grace_s = 5\n{extra}"
+    );
+    let c = JobConfig::parse(&text, "test").unwrap();
+    c.validate("test").unwrap();
+    c
+}
+
+fn with_checkpoints(min: usize, max: usize) -> JobConfig {
+    let mut c = config(min, max, "");
+    c.checkpoint.url = Some("/ckpt".into());
+    c
+}
+
+fn header(worker: &str) -> Option<Header> {
+    Some(Header { job_id: JOB.into(), protocol_version: PROTOCOL_VERSION, worker_id: worker.into() })
+}
+
+struct Sim {
+    c: Coordinator,
+    t0: Instant,
+}
+
+impl Sim {
+    fn new(config: JobConfig) -> Self {
+        let t0 = Instant::now();
+        Self { c: Coordinator::new(config, t0, "n0nce"), t0 }
+    }
+
+    fn at(&self, secs: f64) -> Instant {
+        self.t0 + Duration::from_secs_f64(secs)
+    }
+
+    fn join(&mut self, t: f64, host: &str) -> String {
+        let req = JoinRequest { header: header(""), hostname: host.into(), device: "cpu".into(), pid: 1 };
+        self.c.join(self.at(t), &req).unwrap().worker_id
+    }
+
+    fn rdv(&mut self, t: f64, id: &str) -> RendezvousReply {
+        let req = RendezvousRequest { header: header(id), endpoint: format!("{id}.local:9000") };
+        self.c.rendezvous(self.at(t), &req).unwrap()
+    }
+
+    fn beat(&mut self, t: f64, id: &str) -> braid_proto::HeartbeatReply {
+        self.c.heartbeat(self.at(t), &HeartbeatRequest { header: header(id), step: 0 }).unwrap()
+    }
+
+    fn plan(&mut self, t: f64, id: &str, generation: u64) -> braid_proto::DataPlanReply {
+        self.c.data_plan(self.at(t), &DataPlanRequest { header: header(id), generation }).unwrap()
+    }
+
+    fn step(&mut self, t: f64, id: &str, generation: u64, step: u64) -> braid_proto::StepReply {
+        let req = StepReport {
+            header: header(id),
+            generation,
+            step,
+            loss: 1.5,
+            learning_rate: 1e-3,
+            samples: 4,
+            step_seconds: 0.5,
+            ..Default::default()
+        };
+        self.c.report_step(self.at(t), &req).unwrap()
+    }
+
+    fn vote(&mut self, t: f64, id: &str, rank: u32, step: u64, attempt: &str, ok: bool) -> Result<bool, Error> {
+        let vote = CheckpointVote {
+            header: header(id),
+            generation: 1,
+            step,
+            attempt: attempt.into(),
+            rank,
+            ok,
+            error: if ok { String::new() } else { "disk full".into() },
+            parts: vec![CheckpointPart {
+                path: format!("step-{step:06}/attempt-{attempt}/rank-{rank}.safetensors"),
+                sha256: "00".repeat(32),
+                size: 100 + u64::from(rank),
+            }],
+        };
+        self.c.checkpoint_vote(self.at(t), &vote).map(|r| r.committed)
+    }
+
+    fn commits(&mut self) -> Vec<CommitPlan> {
+        self.c
+            .take_actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Commit(p) => Some(p),
+                Action::Log { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Joins `n` workers at `t`, has them rendezvous and ticks past the grace so they form a generation.
+    fn formed(&mut self, t: f64, n: usize) -> Vec<String> {
+        let ids: Vec<String> = (0..n).map(|i| self.join(t, &format!("host{i}"))).collect();
+        for id in &ids {
+            self.rdv(t, id);
+        }
+        self.c.tick(self.at(t + 5.0));
+        ids
+    }
+}
+
+fn ready(r: &RendezvousReply) -> bool {
+    r.state == RendezvousState::Ready as i32
+}
+
+#[test]
+fn header_mismatches_are_refused() {
+    let mut s = Sim::new(config(1, 1, ""));
+    let wrong_job = JoinRequest {
+        header: Some(Header { job_id: "other".into(), protocol_version: PROTOCOL_VERSION, worker_id: String::new() }),
+        ..Default::default()
+    };
+    let err = s.c.join(s.at(0.0), &wrong_job).unwrap_err();
+    assert!(matches!(err, Error::JobMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("\"other\"") && err.to_string().contains(JOB), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::FailedPrecondition);
+
+    let wrong_version = JoinRequest {
+        header: Some(Header { job_id: JOB.into(), protocol_version: PROTOCOL_VERSION + 1, worker_id: String::new() }),
+        ..Default::default()
+    };
+    let err = s.c.join(s.at(0.0), &wrong_version).unwrap_err();
+    assert!(matches!(err, Error::ProtocolMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("protocol version"), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::FailedPrecondition);
+
+    let any_job = JoinRequest {
+        header: Some(Header { job_id: String::new(), protocol_version: PROTOCOL_VERSION, worker_id: String::new() }),
+        ..Default::default()
+    };
+    assert_eq!(s.c.join(s.at(0.0), &any_job).unwrap().worker_id, "w-1", "Join may leave the job id empty");
+    let no_job = HeartbeatRequest { header: any_job.header.clone().map(|h| Header { worker_id: "w-1".into(), ..h }), step: 0 };
+    assert!(matches!(s.c.heartbeat(s.at(0.0), &no_job).unwrap_err(), Error::JobMismatch { .. }));
+
+    let err = s.c.join(s.at(0.0), &JoinRequest::default()).unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::InvalidArgument);
+
+    let err = s.c.heartbeat(s.at(0.0), &HeartbeatRequest { header: header("w-99"), step: 0 }).unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::NotFound);
+}
+
+#[test]
+fn join_assigns_ids_and_returns_the_job() {
+    let mut s = Sim::new(config(1, 1, ""));
+    let req = JoinRequest { header: header(""), hostname: "h".into(), device: "cpu".into(), pid: 1 };
+    let a = s.c.join(s.at(0.0), &req).unwrap();
+    let b = s.c.join(s.at(0.0), &req).unwrap();
+    assert_eq!((a.worker_id.as_str(), b.worker_id.as_str()), ("w-1", "w-2"));
+    let job = JobConfig::parse(&a.job_toml, "join reply").unwrap();
+    assert_eq!(&job, s.c.config());
+    assert_eq!(a.heartbeat_interval_ms, 5000);
+}
+
+#[test]
+fn a_generation_forms_at_max_workers_with_ranks_in_join_order() {
+    let mut s = Sim::new(config(1, 2, ""));
+    let a = s.join(0.0, "a");
+    let b = s.join(0.1, "b");
+    let rb = s.rdv(0.2, &b);
+    assert!(!ready(&rb), "one worker waits for the grace: {}", rb.reason);
+    assert!(rb.reason.contains("forming in"), "{}", rb.reason);
+    let ra = s.rdv(0.3, &a);
+    assert!(ready(&ra), "max_workers reached: {ra:?}");
+    assert_eq!((ra.generation, ra.rank, ra.world_size), (1, 0, 2));
+    let rb = s.rdv(0.4, &b);
+    assert_eq!((rb.generation, rb.rank, rb.world_size), (1, 1, 2));
+    assert_eq!(ra.endpoints, vec![format!("{a}.local:9000"), format!("{b}.local:9000")]);
+    assert_eq!(rb.endpoints, ra.endpoints);
+}
+
+#[test]
+fn min_workers_and_grace_decide_when_a_smaller_generation_forms() {
+    let mut s = Sim::new(config(2, 4, ""));
+    let a = s.join(0.0, "a");
+    let r = s.rdv(0.0, &a);
+    assert_eq!(r.state, RendezvousState::Waiting as i32);
+    assert!(r.reason.contains("1 of min_workers = 2"), "{}", r.reason);
+    s.c.tick(s.at(25.0));
+    assert!(!ready(&s.rdv(25.0, &a)), "below min_workers nothing forms, however long");
+
+    // Grace counts from the first waiting worker's arrival: long over when the second comes.
+    let b = s.join(26.0, "b");
+    let r = s.rdv(26.0, &b);
+    assert!(ready(&r), "{}", r.reason);
+    assert_eq!((r.generation, r.rank, r.world_size), (1, 1, 2));
+
+    let mut s2 = Sim::new(config(2, 4, ""));
+    let x = s2.join(0.0, "x");
+    let y = s2.join(0.0, "y");
+    s2.rdv(0.0, &x);
+    s2.rdv(1.0, &y);
+    s2.c.tick(s2.at(4.9));
+    assert_eq!(s2.c.progress().generation, 0, "grace of 5 s not over");
+    s2.c.tick(s2.at(5.0));
+    let p = s2.c.progress();
+    assert_eq!((p.generation, p.world_size), (1, 2));
+    assert_eq!(s2.rdv(5.1, &y).rank, 1);
+}
+
+#[test]
+fn a_late_worker_scales_the_job_up_after_the_grace() {
+    let mut s = Sim::new(config(1, 4, ""));
+    let ids = s.formed(0.0, 2);
+    assert_eq!(s.c.progress().world_size, 2);
+    for id in &ids {
+        s.plan(5.0, id, 1);
+    }
+    let late = s.join(10.0, "late");
+    let r = s.rdv(10.0, &late);
+    assert!(r.reason.contains("generation 1 is running"), "{}", r.reason);
+    for id in &ids {
+        s.beat(14.0, id);
+    }
+    s.c.tick(s.at(14.9));
+    assert_eq!(s.c.progress().generation, 1);
+    s.c.tick(s.at(15.0));
+    assert_eq!(s.c.progress().generation, 0, "generation 1 ended for the scale-up");
+    assert!(s.beat(15.0, &ids[0]).rendezvous_required);
+    for id in &ids {
+        assert!(!ready(&s.rdv(16.0, id)), "survivors get a fresh grace");
+    }
+    s.c.tick(s.at(20.0));
+    let r = s.rdv(20.0, &late);
+    assert!(ready(&r), "{}", r.reason);
+    assert_eq!((r.generation, r.rank, r.world_size), (2, 2, 3));
+}
+
+#[test]
+fn reaching_max_workers_scales_up_at_once() {
+    let mut s = Sim::new(config(1, 3, ""));
+    let ids = s.formed(0.0, 2);
+    let late = s.join(10.0, "late");
+    assert!(!ready(&s.rdv(10.0, &late)));
+    assert!(s.beat(10.0, &ids[1]).rendezvous_required, "the generation ended at once");
+    s.rdv(11.0, &ids[1]);
+    let r = s.rdv(11.0, &ids[0]);
+    assert_eq!((r.generation, r.rank, r.world_size), (2, 0, 3));
+}
+
+#[test]
+fn bootstrap_is_returned_once_rank_zero_published_it() {
+    let mut s = Sim::new(config(2, 2, ""));
+    let ids = s.formed(0.0, 2);
+    let r1 = s.rdv(1.0, &ids[1]);
+    assert!(ready(&r1) && r1.bootstrap.is_empty());
+    assert!(r1.reason.contains("rank 0"), "{}", r1.reason);
+    let publish = |id: &str, generation| PublishBootstrapRequest {
+        header: header(id),
+        generation,
+        bootstrap: b"nccl-id".to_vec(),
+    };
+    let err = s.c.publish_bootstrap(s.at(1.0), &publish(&ids[1], 1)).unwrap_err();
+    assert!(err.to_string().contains("only rank 0"), "{err}");
+    let err = s.c.publish_bootstrap(s.at(1.0), &publish(&ids[0], 7)).unwrap_err();
+    assert!(matches!(err, Error::StaleGeneration { .. }), "{err}");
+    s.c.publish_bootstrap(s.at(1.0), &publish(&ids[0], 1)).unwrap();
+    let r1 = s.rdv(1.5, &ids[1]);
+    assert_eq!(r1.bootstrap, b"nccl-id");
+    assert_eq!(s.rdv(1.5, &ids[0]).bootstrap, b"nccl-id");
+}
+
+#[test]
+fn a_silent_worker_ends_the_generation_and_survivors_form_the_next() {
+    let mut s = Sim::new(config(2, 3, ""));
+    let ids = s.formed(0.0, 3);
+    for id in &ids {
+        s.plan(5.0, id, 1);
+        s.step(6.0, id, 1, 0);
+    }
+    // ids[1] goes silent after t = 6; the others keep beating.
+    for t in [10.0, 20.0, 30.0] {
+        s.beat(t, &ids[0]);
+        s.beat(t, &ids[2]);
+        s.c.tick(s.at(t));
+    }
+    assert_eq!(s.c.progress().generation, 1, "30 s of silence is not yet dead");
+    s.beat(36.5, &ids[0]);
+    s.beat(36.5, &ids[2]);
+    s.c.tick(s.at(36.5));
+    let p = s.c.progress();
+    assert_eq!(p.generation, 0);
+    assert_eq!(p.members.len(), 2);
+    assert!(p.members.iter().all(|m| m.state == MemberState::RendezvousRequired));
+    let logs: Vec<String> =
+        s.c.take_actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Log { message, .. } => Some(message),
+                Action::Commit(_) => None,
+            })
+            .collect();
+    assert!(logs.iter().any(|l| l.contains(&ids[1]) && l.contains("declared dead")), "{logs:?}");
+    assert!(logs.iter().any(|l| l.contains("generation 1 ended")), "{logs:?}");
+
+    let hb = s.beat(37.0, &ids[0]);
+    assert!(hb.rendezvous_required && !hb.job_finished);
+    assert!(s.step(37.0, &ids[2], 1, 1).rendezvous_required);
+    let err = s.c.heartbeat(s.at(37.0), &HeartbeatRequest { header: header(&ids[1]), step: 0 }).unwrap_err();
+    assert!(matches!(err, Error::UnknownWorker(_)), "{err}");
+
+    // Survivors re-rendezvous in reverse order; ranks still follow join order.
+    assert!(!ready(&s.rdv(38.0, &ids[2])));
+    assert!(!ready(&s.rdv(39.0, &ids[0])), "grace restarts when the generation ends");
+    s.c.tick(s.at(42.9));
+    assert_eq!(s.c.progress().generation, 0);
+    s.c.tick(s.at(43.0));
+    let r0 = s.rdv(43.1, &ids[0]);
+    let r2 = s.rdv(43.1, &ids[2]);
+    assert_eq!((r0.generation, r0.rank, r0.world_size), (2, 0, 2));
+    assert_eq!((r2.generation, r2.rank), (2, 1));
+    assert_eq!(s.plan(43.2, &ids[0], 2).start_step, 0, "no checkpoint: the new generation starts over");
+    let err = s.c.data_plan(s.at(43.2), &DataPlanRequest { header: header(&ids[0]), generation: 1 }).unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+}
+
+#[test]
+fn rendezvous_after_starting_asks_for_a_new_generation() {
+    let mut s = Sim::new(config(2, 2, ""));
+    let ids = s.formed(0.0, 2);
+    assert!(ready(&s.rdv(1.0, &ids[0])), "polling before the data plan keeps the assignment");
+    s.plan(1.0, &ids[0], 1);
+    let r = s.rdv(2.0, &ids[0]);
+    assert!(!ready(&r), "{r:?}");
+    assert!(s.beat(2.0, &ids[1]).rendezvous_required);
+    let r = s.rdv(2.5, &ids[1]);
+    assert!(ready(&r));
+    assert_eq!(r.generation, 2);
+}
+
+#[test]
+fn leave_ends_the_generation() {
+    let mut s = Sim::new(config(1, 2, ""));
+    let ids = s.formed(0.0, 2);
+    s.c.leave(s.at(1.0), &LeaveRequest { header: header(&ids[1]), reason: "preempted".into() }).unwrap();
+    let p = s.c.progress();
+    assert_eq!((p.generation, p.members.len()), (0, 1));
+    s.rdv(2.0, &ids[0]);
+    s.c.tick(s.at(7.0));
+    let r = s.rdv(7.0, &ids[0]);
+    assert_eq!((r.generation, r.rank, r.world_size), (2, 0, 1));
+}
+
+#[test]
+fn every_yes_vote_commits_and_moves_the_cursor() {
+    let mut s = Sim::new(with_checkpoints(2, 2));
+    let ids = s.formed(0.0, 2);
+    let dp = s.plan(6.0, &ids[0], 1);
+    assert_eq!(dp.attempt_prefix, "g1-n0nce");
+    assert_eq!((dp.start_step, dp.total_steps, dp.resume_manifest_url.as_str()), (0, 10, ""));
+    s.c.take_actions();
+    assert!(!s.vote(7.0, &ids[1], 1, 4, "g1-n0nce-4", true).unwrap());
+    assert!(s.commits().is_empty());
+    assert!(!s.vote(7.0, &ids[0], 0, 4, "g1-n0nce-4", true).unwrap(), "the shell answers the final voter");
+    let plans = s.commits();
+    assert_eq!(plans.len(), 1);
+    let plan = &plans[0];
+    assert_eq!((plan.step, plan.generation, plan.world_size), (4, 1, 2));
+    assert_eq!(plan.parts.iter().map(|p| p.rank).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(plan.parts[1].size, 101);
+    assert_eq!(plan.job, JOB);
+
+    s.c.commit_succeeded(plan, "/ckpt/step-000004/manifest.json".into());
+    assert_eq!(s.c.cursor(), 5);
+    assert!(s.vote(8.0, &ids[0], 0, 4, "g1-n0nce-4", true).unwrap(), "a late vote sees the commit");
+    let dp = s.plan(8.0, &ids[1], 1);
+    assert_eq!((dp.start_step, dp.resume_manifest_url.as_str()), (5, "/ckpt/step-000004/manifest.json"));
+    assert_eq!(s.c.progress().checkpoints.len(), 1);
+    let err = s.vote(9.0, &ids[0], 0, 2, "old", true).unwrap_err();
+    assert!(err.to_string().contains("older than the latest"), "{err}");
+}
+
+#[test]
+fn one_no_vote_aborts_the_attempt_and_training_goes_on() {
+    let mut s = Sim::new(with_checkpoints(2, 2));
+    let ids = s.formed(0.0, 2);
+    assert!(!s.vote(7.0, &ids[0], 0, 4, "a1", true).unwrap());
+    assert!(!s.vote(7.0, &ids[1], 1, 4, "a1", false).unwrap());
+    assert!(s.commits().is_empty());
+    assert!(!s.vote(7.5, &ids[0], 0, 4, "a1", true).unwrap(), "an aborted attempt stays aborted");
+    assert!(s.commits().is_empty());
+    assert!(s.c.progress().failure.is_none());
+    assert!(!s.step(8.0, &ids[0], 1, 5).stop);
+    // A fresh attempt of the same step can still commit.
+    s.vote(9.0, &ids[0], 0, 4, "a2", true).unwrap();
+    s.vote(9.0, &ids[1], 1, 4, "a2", true).unwrap();
+    assert_eq!(s.commits().len(), 1);
+}
+
+#[test]
+fn votes_are_checked_against_the_generation_and_rank() {
+    let mut s = Sim::new(with_checkpoints(1, 2));
+    let ids = s.formed(0.0, 2);
+    let err = s.vote(6.0, &ids[0], 1, 4, "a", true).unwrap_err();
+    assert!(err.to_string().contains("rank 0"), "{err}");
+    s.vote(6.0, &ids[0], 0, 4, "a", true).unwrap();
+    s.c.leave(s.at(6.5), &LeaveRequest { header: header(&ids[0]), reason: String::new() }).unwrap();
+    let err = s.vote(7.0, &ids[1], 1, 4, "a", true).unwrap_err();
+    assert!(matches!(err, Error::StaleGeneration { got: 1, current: None, .. }), "{err}");
+    assert!(s.commits().is_empty());
+
+    let mut bad = Sim::new(with_checkpoints(1, 1));
+    let id = bad.formed(0.0, 1).remove(0);
+    let vote = CheckpointVote {
+        header: header(&id),
+        generation: 1,
+        step: 3,
+        attempt: "a".into(),
+        rank: 0,
+        ok: true,
+        parts: vec![CheckpointPart { path: "step-000003/../../etc/passwd".into(), sha256: String::new(), size: 1 }],
+        ..Default::default()
+    };
+    let err = bad.c.checkpoint_vote(bad.at(1.0), &vote).unwrap_err();
+    assert!(err.to_string().contains("step-000003/"), "{err}");
+    let no_ckpt = &mut Sim::new(config(1, 1, ""));
+    let id = no_ckpt.formed(0.0, 1).remove(0);
+    let err = no_ckpt.vote(1.0, &id, 0, 3, "a", true).unwrap_err();
+    assert!(err.to_string().contains("checkpoint.url"), "{err}");
+}
+
+#[test]
+fn the_job_finishes_when_every_rank_trained_the_last_step() {
+    let mut s = Sim::new(config(2, 2, ""));
+    let ids = s.formed(0.0, 2);
+    for id in &ids {
+        s.plan(5.0, id, 1);
+    }
+    for step in 0..10 {
+        for id in &ids {
+            s.step(6.0 + step as f64, id, 1, step);
+        }
+    }
+    let p = s.c.progress();
+    assert!(p.finished && p.failure.is_none());
+    assert_eq!(p.steps_done, 10);
+    assert_eq!(p.loss, Some(1.5));
+    assert_eq!(p.samples_per_second, Some(16.0));
+    assert!(s.beat(20.0, &ids[0]).job_finished);
+    assert!(s.step(20.0, &ids[0], 1, 9).stop);
+    assert_eq!(s.rdv(20.0, &ids[1]).state, RendezvousState::JobFinished as i32);
+}
+
+#[test]
+fn with_checkpoints_the_job_also_waits_for_the_final_commit() {
+    let mut s = Sim::new(with_checkpoints(1, 1));
+    let id = s.formed(0.0, 1).remove(0);
+    s.plan(5.0, &id, 1);
+    assert!(!s.step(6.0, &id, 1, 9).stop);
+    assert!(!s.c.progress().finished);
+    s.vote(7.0, &id, 0, 9, "last", true).unwrap();
+    let plan = s.commits().remove(0);
+    s.c.commit_succeeded(&plan, "/ckpt/step-000009/manifest.json".into());
+    assert!(s.c.progress().finished);
+    assert!(s.c.is_over());
+}
+
+#[test]
+fn an_aborted_final_checkpoint_fails_the_job() {
+    let mut s = Sim::new(with_checkpoints(1, 1));
+    let id = s.formed(0.0, 1).remove(0);
+    s.vote(7.0, &id, 0, 9, "last", true).unwrap();
+    let plan = s.commits().remove(0);
+    s.c.commit_failed(&plan, "part rank-0 is missing");
+    let failure = s.c.progress().failure.unwrap();
+    assert!(failure.contains("final checkpoint") && failure.contains("missing"), "{failure}");
+}
+
+#[test]
+fn resuming_from_the_last_step_finishes_at_once() {
+    let resumed = |step| {
+        Coordinator::new(with_checkpoints(1, 1), Instant::now(), "n").with_resume(CommittedCheckpoint {
+            step,
+            attempt: "a".into(),
+            generation: 3,
+            manifest_url: format!("/ckpt/step-{step:06}/manifest.json"),
+        })
+    };
+    let c = resumed(4);
+    assert_eq!(c.cursor(), 5);
+    assert!(!c.is_over());
+    assert!(resumed(9).progress().finished);
+}
+
+#[test]
+fn corrupt_samples_are_quarantined_up_to_the_limit() {
+    let mut s = Sim::new(config(1, 1, ""));
+    let id = s.formed(0.0, 1).remove(0);
+    let report = |key: &str| CorruptReport {
+        header: header(&id),
+        shard: "shard-000003.tar".into(),
+        sample_key: key.into(),
+        reason: "bad jpeg".into(),
+    };
+    assert!(!s.c.report_corrupt(s.at(1.0), &report("k1")).unwrap().over_limit);
+    assert!(!s.c.report_corrupt(s.at(1.0), &report("k1")).unwrap().over_limit, "the same key counts once");
+    assert!(!s.c.report_corrupt(s.at(1.0), &report("k2")).unwrap().over_limit);
+    assert_eq!(s.plan(1.5, &id, 1).quarantined, vec!["k1".to_string(), "k2".to_string()]);
+    assert!(s.c.report_corrupt(s.at(2.0), &report("k3")).unwrap().over_limit);
+    let p = s.c.progress();
+    assert_eq!(p.corrupt_samples, 3);
+    let failure = p.failure.unwrap();
+    assert!(failure.contains("shard-000003.tar") && failure.contains("max_corrupt_samples = 2"), "{failure}");
+    assert!(s.step(3.0, &id, 1, 0).stop);
+}
+
+#[test]
+fn the_data_plan_lists_the_shards_of_the_ranks_next_steps() {
+    let manifest = DatasetManifest {
+        version: MANIFEST_VERSION,
+        shards: (0..6)
+            .map(|i| ShardEntry {
+                url: format!("shard-{i}.tar"),
+                size: 0,
+                samples: (0..4).map(|j| SampleEntry { key: format!("{i}-{j}"), members: BTreeMap::new() }).collect(),
+            })
+            .collect(),
+    };
+    let manifest = Arc::new(manifest);
+    let mut s = Sim::new(config(2, 2, ""));
+    s.c = Coordinator::new(config(2, 2, ""), s.t0, "n0nce").with_dataset(manifest.clone());
+    let ids = s.formed(0.0, 2);
+    let mut plan = braid_coordinator::plan::SamplePlan::new(manifest, 7, 4);
+    for (rank, id) in ids.iter().enumerate() {
+        let dp = s.plan(6.0, id, 1);
+        let mut expected = Vec::new();
+        for step in 0..4 {
+            for sample in plan.rank_batch(step, 8, rank, 2) {
+                if !expected.contains(&sample.sample.shard) {
+                    expected.push(sample.sample.shard);
+                }
+            }
+        }
+        assert_eq!(dp.prefetch_shards, expected);
+        assert_eq!((dp.seed, dp.global_batch, dp.epoch), (7, 8, 0));
+        assert_eq!(dp.manifest_url, "/data/manifest.json");
+    }
+}
+
+#[test]
+fn ranks_may_vote_yes_without_parts_but_an_attempt_needs_one() {
+    let mut s = Sim::new(with_checkpoints(2, 2));
+    let ids = s.formed(0.0, 2);
+    let empty = |id: &str, rank, attempt: &str| CheckpointVote {
+        header: header(id),
+        generation: 1,
+        step: 4,
+        attempt: attempt.into(),
+        rank,
+        ok: true,
+        ..Default::default()
+    };
+    s.c.checkpoint_vote(s.at(1.0), &empty(&ids[1], 1, "a")).unwrap();
+    s.vote(1.0, &ids[0], 0, 4, "a", true).unwrap();
+    let plan = s.commits().remove(0);
+    assert_eq!(plan.parts.iter().map(|p| p.rank).collect::<Vec<_>>(), vec![0]);
+
+    s.c.checkpoint_vote(s.at(2.0), &empty(&ids[0], 0, "b")).unwrap();
+    s.c.checkpoint_vote(s.at(2.0), &empty(&ids[1], 1, "b")).unwrap();
+    assert!(s.commits().is_empty(), "no rank wrote anything: aborted");
+}

@@ -1,0 +1,163 @@
+//! `braid bench`: training-step throughput of a model preset on synthetic tensors: the full
+//! step (forward, contrastive loss, backward, gradient reduction, clipping, AdamW), timed after
+//! warm-up, with the median step time, samples/s, tokens/s and model FLOPs utilisation.
+
+use std::time::Instant;
+
+use braid_coordinator::config::JobConfig;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::collective::{RingCollective, RingListener};
+use crate::trainer::{clip_config, ClipTrainer, DeviceBatch, TrainError};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Model family (`clip`).
+    pub family: String,
+    /// Preset of the family.
+    pub preset: String,
+    /// Samples per step.
+    pub batch: usize,
+    /// Intra-op threads (CPU); 0 keeps libtorch's default.
+    pub threads: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    pub warmup: usize,
+    /// Device.
+    pub device: Device,
+    /// `fp32`, `fp64` or `bf16`.
+    pub precision: String,
+    /// Text vocabulary size (CLIP BPE: 49,408).
+    pub vocab_size: i64,
+    /// Peak dense TFLOP/s of the device for MFU; none leaves MFU out.
+    pub peak_tflops: Option<f64>,
+}
+
+/// Measured throughput.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Implementation measured (`braid`).
+    pub r#impl: String,
+    /// Model preset.
+    pub preset: String,
+    /// Samples per step.
+    pub batch: usize,
+    /// Threads used.
+    pub threads: usize,
+    /// Device.
+    pub device: String,
+    /// Precision.
+    pub precision: String,
+    /// Median seconds per optimizer step.
+    pub step_seconds: f64,
+    /// Samples per second at the median step.
+    pub samples_per_second: f64,
+    /// Text tokens per second at the median step.
+    pub tokens_per_second: f64,
+    /// Model FLOPs per step (forward and backward, 3x forward).
+    pub flops_per_step: f64,
+    /// Achieved TFLOP/s.
+    pub tflops: f64,
+    /// Model FLOPs utilisation against `peak_tflops`, if given.
+    pub mfu: Option<f64>,
+    /// Peak device memory in bytes (CUDA only).
+    pub peak_memory_bytes: Option<u64>,
+}
+
+fn bench_config(options: &BenchOptions) -> JobConfig {
+    let text = format!(
+        "[job]\nname = \"bench\"\n[model]\nfamily = \"{}\"\npreset = \"{}\"\n[data]\ntrain = \"unused\"\n\
+         [train]\nglobal_batch = {}\nsteps = {}\nprecision = \"{}\"\nwarmup_steps = 1\n",
+        options.family,
+        options.preset,
+        options.batch,
+        options.steps + options.warmup,
+        options.precision
+    );
+    JobConfig::parse(&text, "bench").expect("bench config is valid")
+}
+
+/// Runs the benchmark.
+pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
+    if options.threads > 0 {
+        tch::set_num_threads(options.threads as i32);
+    }
+    let config = bench_config(options);
+    let clip = clip_config(&config, options.vocab_size)?;
+    let mut trainer = ClipTrainer::new(&config, clip, options.device)?;
+    let (listener, _) = RingListener::bind("127.0.0.1:0")?;
+    let mut coll = RingCollective::connect(listener, 0, 1, &["127.0.0.1:0".to_string()], std::time::Duration::from_secs(60))?;
+
+    let b = options.batch as i64;
+    let (size, context) = (clip.vision.image_size, clip.text.context_length);
+    let device = options.device;
+    let kind = trainer.compute_kind();
+    tch::manual_seed(0);
+    let batch = DeviceBatch {
+        images: Tensor::randn([b, 3, size, size], (Kind::Float, device)).to_kind(kind),
+        tokens: Tensor::randint_low(1, options.vocab_size - 1, [b, context], (Kind::Int64, device)),
+        eot_index: Tensor::full([b], context - 1, (Kind::Int64, device)),
+        valid: Tensor::ones([b], (Kind::Bool, device)),
+    };
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    for step in 0..options.warmup {
+        trainer.train_step(step as u64, &batch, &mut coll)?;
+    }
+    sync();
+    let mut times = Vec::with_capacity(options.steps);
+    for step in 0..options.steps {
+        let t0 = Instant::now();
+        trainer.train_step((options.warmup + step) as u64, &batch, &mut coll)?;
+        sync();
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let flops_per_step = 3.0 * clip.forward_flops_per_sample() * options.batch as f64;
+    let tflops = flops_per_step / median / 1e12;
+    Ok(BenchReport {
+        r#impl: "braid".into(),
+        preset: options.preset.clone(),
+        batch: options.batch,
+        threads: options.threads,
+        device: format!("{:?}", options.device).to_lowercase(),
+        precision: options.precision.clone(),
+        step_seconds: median,
+        samples_per_second: options.batch as f64 / median,
+        tokens_per_second: (options.batch as i64 * context) as f64 / median,
+        flops_per_step,
+        tflops,
+        mfu: options.peak_tflops.map(|peak| tflops / peak),
+        peak_memory_bytes: None,
+    })
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} batch {} on {} ({}, {} threads): {:.2} ms/step, {:.1} samples/s, {:.0} tokens/s, {:.2} TFLOP/s",
+            self.r#impl,
+            self.preset,
+            self.batch,
+            self.device,
+            self.precision,
+            self.threads,
+            1e3 * self.step_seconds,
+            self.samples_per_second,
+            self.tokens_per_second,
+            self.tflops
+        )?;
+        if let Some(mfu) = self.mfu {
+            write!(f, ", MFU {:.1}%", 100.0 * mfu)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! `braid bench`.
+
+use std::process::ExitCode;
+
+use braid::bench::{self, BenchOptions};
+use braid::worker::parse_device;
+use clap::Args;
+
+/// Options of `braid bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model family.
+    #[arg(long, default_value = "clip")]
+    family: String,
+    /// Preset: tiny, vit-b-32, vit-b-16.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Samples per step.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Intra-op CPU threads (0 = libtorch's default).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Device: cpu, cuda, cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// fp32, fp64 or bf16.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Text vocabulary size.
+    #[arg(long, default_value_t = 49408)]
+    vocab_size: i64,
+    /// Peak dense TFLOP/s of the device, for MFU (default on CUDA: 989, an H100/H200 SXM in bf16).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `braid bench`.
+pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let device = parse_device(&args.device).ok_or_else(|| anyhow::anyhow!("--device {:?}: use cpu, cuda or cuda:N", args.device))?;
+    if matches!(device, tch::Device::Cuda(_)) && !tch::Cuda::is_available() {
+        anyhow::bail!("--device {}: CUDA is not available to libtorch on this machine", args.device);
+    }
+    let peak_tflops = args.peak_tflops.or(matches!(device, tch::Device::Cuda(_)).then_some(989.0));
+    let report = bench::run(&BenchOptions {
+        family: args.family,
+        preset: args.preset,
+        batch: args.batch,
+        threads: args.threads,
+        steps: args.steps.max(1),
+        warmup: args.warmup,
+        device,
+        precision: args.precision,
+        vocab_size: args.vocab_size,
+        peak_tflops,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

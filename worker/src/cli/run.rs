@@ -1,0 +1,287 @@
+//! `braid run` (embedded coordinator + local workers), `braid worker` and `braid coordinator`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use braid::eval::{evaluate, EvalOptions, EvalReport};
+use braid::worker::{parse_device, WorkerOptions};
+use braid_coordinator::state::Progress;
+use clap::Args;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// Options of `braid run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job file.
+    job: PathBuf,
+    /// Worker processes to start (sets `cluster.min_workers` and `max_workers`).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Device of every worker (overrides `cluster.device`): cpu, cuda (one GPU per worker) or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// Folder for the workers' logs (default `runs/<job name>` under the current folder).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Skip the held-out evaluation at the end.
+    #[arg(long)]
+    no_eval: bool,
+    /// Print one JSON summary instead of the progress bar and text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `braid worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Coordinator address, host:port.
+    #[arg(long, env = "BRAID_COORDINATOR")]
+    coordinator: String,
+    /// Device: cpu, cuda or cuda:N (default: the job's `cluster.device`).
+    #[arg(long)]
+    device: Option<String>,
+    /// Seconds to keep trying to reach the coordinator.
+    #[arg(long, default_value_t = 30.0)]
+    connect_timeout: f64,
+    /// Host name or address other workers use to reach this one.
+    #[arg(long, env = "BRAID_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// JSON log lines.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+/// Options of `braid coordinator`.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// The job file.
+    #[arg(long)]
+    job: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    listen: String,
+}
+
+/// Runs `braid worker`.
+pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    super::init_logging(args.json_logs);
+    if let Some(d) = &args.device {
+        parse_device(d).ok_or_else(|| anyhow::anyhow!("--device {d:?}: use cpu, cuda or cuda:N"))?;
+    }
+    braid::worker::run(WorkerOptions {
+        coordinator: args.coordinator,
+        device: args.device,
+        connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+        advertise_host: args.advertise_host,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `braid coordinator`.
+pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    super::init_logging(false);
+    let config = super::load_job(&args.job)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+        let shutdown = CancellationToken::new();
+        let handle = braid_coordinator::server::start(config, listener, shutdown.clone()).await?;
+        tokio::select! {
+            _ = handle.ended() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let progress = handle.progress();
+        handle.drained(Duration::from_secs(10)).await;
+        handle.shutdown();
+        handle.join().await?;
+        match progress.failure {
+            Some(f) => anyhow::bail!("job failed: {f}"),
+            None => Ok(ExitCode::SUCCESS),
+        }
+    })
+}
+
+/// The end-of-run summary (`--json` prints it as is).
+#[derive(Debug, Serialize)]
+struct RunSummary {
+    job: String,
+    finished: bool,
+    failure: Option<String>,
+    workers: usize,
+    steps: u64,
+    final_loss: Option<f64>,
+    samples_per_second: Option<f64>,
+    wall_seconds: f64,
+    corrupt_samples: u64,
+    checkpoints: Vec<String>,
+    eval: Option<EvalReport>,
+    log_dir: PathBuf,
+}
+
+/// Runs `braid run`.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut config = super::load_job(&args.job)?;
+    if let Some(n) = args.workers {
+        anyhow::ensure!(n >= 1, "--workers must be at least 1");
+        config.cluster.min_workers = n;
+        config.cluster.max_workers = n;
+    }
+    if let Some(device) = &args.device {
+        config.cluster.device = device.clone();
+    }
+    config.validate(&args.job.display().to_string())?;
+    if !args.json {
+        super::init_logging(false);
+    }
+    let workers = config.cluster.max_workers;
+    let log_dir = args.log_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&config.job.name));
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating log folder {}", log_dir.display()))?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let shutdown = CancellationToken::new();
+    let handle = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        anyhow::Ok(braid_coordinator::server::start(config.clone(), listener, shutdown.clone()).await?)
+    })?;
+    let address = handle.local_addr().to_string();
+    let started = Instant::now();
+    let mut children = spawn_workers(&address, workers, &config.cluster.device, &log_dir)?;
+
+    let bar = (!args.json).then(|| progress_bar(config.train.steps));
+    let mut failed_worker: Option<String> = None;
+    loop {
+        let progress = handle.progress();
+        if let Some(bar) = &bar {
+            update_bar(bar, &progress);
+        }
+        for (i, child) in children.iter_mut().enumerate() {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() && failed_worker.is_none() {
+                    failed_worker = Some(format!(
+                        "worker {i} exited with {status}; its log: {}",
+                        log_dir.join(format!("worker-{i}.log")).display()
+                    ));
+                }
+            }
+        }
+        let all_exited = children.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))));
+        if progress.is_over() && all_exited || failed_worker.is_some() || (all_exited && !progress.is_over()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if failed_worker.is_some() {
+        for child in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    let progress = handle.progress();
+    if let Some(bar) = &bar {
+        update_bar(bar, &progress);
+        bar.finish_and_clear();
+    }
+    handle.shutdown();
+    let _ = runtime.block_on(handle.join());
+
+    let failure = progress.failure.clone().or(failed_worker).or_else(|| {
+        (!progress.finished).then(|| format!("workers exited before the job finished; logs in {}", log_dir.display()))
+    });
+    let eval = match (&failure, config.data.eval.is_some(), args.no_eval, config.checkpoint.url.is_some()) {
+        (None, true, false, true) => {
+            let report = evaluate(&config, &EvalOptions { checkpoint: None, data: None, batch: 256, device: tch::Device::Cpu })
+                .context("held-out evaluation")?;
+            Some(report)
+        }
+        _ => None,
+    };
+    let summary = RunSummary {
+        job: config.job.name.clone(),
+        finished: progress.finished,
+        failure: failure.clone(),
+        workers,
+        steps: progress.steps_done,
+        final_loss: progress.loss,
+        samples_per_second: progress.samples_per_second,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        corrupt_samples: progress.corrupt_samples,
+        checkpoints: progress.checkpoints.iter().map(|c| c.manifest_url.clone()).collect(),
+        eval,
+        log_dir,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(if failure.is_some() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn spawn_workers(address: &str, n: usize, device: &str, log_dir: &std::path::Path) -> anyhow::Result<Vec<Child>> {
+    let exe = std::env::current_exe().context("locating the braid binary")?;
+    let gpus = if device == "cuda" { tch::Cuda::device_count().max(1) as usize } else { 1 };
+    (0..n)
+        .map(|i| {
+            let log_path = log_dir.join(format!("worker-{i}.log"));
+            let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+            let mut cmd = Command::new(&exe);
+            cmd.args(["worker", "--coordinator", address, "--advertise-host", "127.0.0.1"]);
+            if device == "cuda" {
+                cmd.args(["--device", &format!("cuda:{}", i % gpus)]);
+            }
+            cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+            cmd.spawn().with_context(|| format!("starting worker {i}"))
+        })
+        .collect()
+}
+
+fn progress_bar(steps: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
+            .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn update_bar(bar: &indicatif::ProgressBar, p: &Progress) {
+    bar.set_position(p.steps_done);
+    let mut msg = format!("gen {} W={}", p.generation, p.world_size);
+    if let Some(loss) = p.loss {
+        msg += &format!("  loss {loss:.4}");
+    }
+    if let Some(sps) = p.samples_per_second {
+        msg += &format!("  {sps:.0} samples/s");
+    }
+    if p.generation == 0 {
+        msg = format!("waiting for workers ({} joined)", p.members.len());
+    }
+    bar.set_message(msg);
+}
+
+fn print_summary(s: &RunSummary) {
+    match &s.failure {
+        None => println!("job {} finished: {} steps with {} workers in {:.1} s", s.job, s.steps, s.workers, s.wall_seconds),
+        Some(f) => println!("job {} FAILED after {} steps: {f}", s.job, s.steps),
+    }
+    if let Some(loss) = s.final_loss {
+        println!("final loss: {loss:.4}");
+    }
+    if let Some(sps) = s.samples_per_second {
+        println!("throughput: {sps:.0} samples/s");
+    }
+    if s.corrupt_samples > 0 {
+        println!("corrupt samples skipped: {}", s.corrupt_samples);
+    }
+    if let Some(last) = s.checkpoints.last() {
+        println!("checkpoint: {last}");
+    }
+    if let Some(eval) = &s.eval {
+        print!("{eval}");
+    }
+    println!("worker logs: {}", s.log_dir.display());
+}

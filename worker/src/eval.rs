@@ -1,0 +1,362 @@
+//! Held-out evaluation of a CLIP model: image-text retrieval recall@K and zero-shot
+//! classification with prompt templates, each printed next to its chance level.
+//!
+//! Retrieval counts a hit when a retrieved item carries the same caption as the query's pair
+//! (synthetic and web data repeat captions, so the paired index alone would undercount).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::tokenizer::TextTokenizer;
+use crate::models::clip::Clip;
+
+/// Recall at 1, 5 and 10 of one retrieval direction, with the chance level of recall@1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recall {
+    /// Recall@1.
+    pub r1: f64,
+    /// Recall@5.
+    pub r5: f64,
+    /// Recall@10.
+    pub r10: f64,
+    /// Expected recall@1 of a random ranking.
+    pub chance_r1: f64,
+}
+
+/// Everything `braid eval` reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Held-out pairs evaluated.
+    pub samples: usize,
+    /// Image-to-text retrieval.
+    pub image_to_text: Recall,
+    /// Text-to-image retrieval.
+    pub text_to_image: Recall,
+    /// Zero-shot top-1 accuracy, when class names are known.
+    pub zero_shot_top1: Option<f64>,
+    /// Chance level of zero-shot accuracy (1 / classes).
+    pub zero_shot_chance: Option<f64>,
+}
+
+/// Class names and prompt templates (`classes.json`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ClassPrompts {
+    /// Class names, indexed by the samples' `cls`.
+    pub classes: Vec<String>,
+    /// Templates with `{}` where the class name goes.
+    pub templates: Vec<String>,
+}
+
+/// Recall@K of queries against candidates. `similarity` is [queries, candidates];
+/// `query_group[i]` and `candidate_group[j]` name what each item shows, and a candidate is
+/// relevant to a query when the groups are equal.
+pub fn recall_at_k(similarity: &Tensor, query_group: &[usize], candidate_group: &[usize]) -> Recall {
+    let (q, c) = similarity.size2().expect("similarity is 2-D");
+    assert_eq!(q as usize, query_group.len());
+    assert_eq!(c as usize, candidate_group.len());
+    let k = 10.min(c);
+    let top = similarity.topk(k, 1, true, true).1;
+    let top: Vec<i64> = Vec::try_from(top.flatten(0, -1)).expect("int64 indices");
+    let mut counts: HashMap<usize, usize> = HashMap::new();
+    for g in candidate_group {
+        *counts.entry(*g).or_default() += 1;
+    }
+    let (mut r1, mut r5, mut r10, mut chance) = (0.0, 0.0, 0.0, 0.0);
+    for (i, group) in query_group.iter().enumerate() {
+        let ranked = &top[i * k as usize..(i + 1) * k as usize];
+        let first_hit = ranked.iter().position(|&j| candidate_group[j as usize] == *group);
+        if let Some(rank) = first_hit {
+            r1 += f64::from(rank < 1);
+            r5 += f64::from(rank < 5);
+            r10 += f64::from(rank < 10);
+        }
+        chance += *counts.get(group).unwrap_or(&0) as f64 / c as f64;
+    }
+    let n = q as f64;
+    Recall { r1: r1 / n, r5: r5 / n, r10: r10 / n, chance_r1: chance / n }
+}
+
+/// Groups items by caption text: equal captions get equal group ids.
+pub fn caption_groups(captions: &[String]) -> Vec<usize> {
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    captions
+        .iter()
+        .map(|c| {
+            let next = ids.len();
+            *ids.entry(c.as_str()).or_insert(next)
+        })
+        .collect()
+}
+
+/// Embeddings of the held-out set, accumulated batch by batch.
+#[derive(Debug, Default)]
+pub struct EmbeddedSet {
+    image: Vec<Tensor>,
+    text: Vec<Tensor>,
+    captions: Vec<String>,
+    classes: Vec<i64>,
+}
+
+impl EmbeddedSet {
+    /// Adds a batch's valid samples.
+    pub fn push(&mut self, image: Tensor, text: Tensor, captions: &[String], classes: &[i64], valid: &[bool]) {
+        let keep: Vec<i64> = valid.iter().enumerate().filter(|(_, v)| **v).map(|(i, _)| i as i64).collect();
+        let index = Tensor::from_slice(&keep).to_device(image.device());
+        self.image.push(image.index_select(0, &index).to_kind(Kind::Float).to_device(Device::Cpu));
+        self.text.push(text.index_select(0, &index).to_kind(Kind::Float).to_device(Device::Cpu));
+        for &i in &keep {
+            self.captions.push(captions[i as usize].clone());
+            self.classes.push(classes[i as usize]);
+        }
+    }
+
+    /// Samples gathered so far.
+    pub fn len(&self) -> usize {
+        self.captions.len()
+    }
+
+    /// True when nothing was gathered.
+    pub fn is_empty(&self) -> bool {
+        self.captions.is_empty()
+    }
+
+    /// Retrieval both ways, and zero-shot accuracy when `prompts` are given.
+    pub fn report(&self, model: &Clip, tokenizer: &Arc<dyn TextTokenizer>, prompts: Option<&ClassPrompts>) -> EvalReport {
+        let image = Tensor::cat(&self.image, 0);
+        let text = Tensor::cat(&self.text, 0);
+        let groups = caption_groups(&self.captions);
+        let similarity = image.matmul(&text.transpose(0, 1));
+        let mut report = EvalReport {
+            samples: self.len(),
+            image_to_text: recall_at_k(&similarity, &groups, &groups),
+            text_to_image: recall_at_k(&similarity.transpose(0, 1), &groups, &groups),
+            ..Default::default()
+        };
+        if let Some(prompts) = prompts {
+            let labelled: Vec<usize> = (0..self.len()).filter(|&i| self.classes[i] >= 0).collect();
+            if !labelled.is_empty() && !prompts.classes.is_empty() {
+                let weights = class_embeddings(model, tokenizer, prompts);
+                let index = Tensor::from_slice(&labelled.iter().map(|&i| i as i64).collect::<Vec<_>>());
+                let predicted = image.index_select(0, &index).matmul(&weights.transpose(0, 1)).argmax(1, false);
+                let truth = Tensor::from_slice(&labelled.iter().map(|&i| self.classes[i]).collect::<Vec<_>>());
+                let correct = predicted.eq_tensor(&truth).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+                report.zero_shot_top1 = Some(correct);
+                report.zero_shot_chance = Some(1.0 / prompts.classes.len() as f64);
+            }
+        }
+        report
+    }
+}
+
+/// One normalised text embedding per class: the mean over templates, renormalised.
+pub fn class_embeddings(model: &Clip, tokenizer: &Arc<dyn TextTokenizer>, prompts: &ClassPrompts) -> Tensor {
+    let context = model.text.config().context_length as usize;
+    let device = model.logit_scale.device();
+    let kind = model.logit_scale.kind();
+    let rows: Vec<Tensor> = prompts
+        .classes
+        .iter()
+        .map(|name| {
+            let encoded: Vec<_> = prompts.templates.iter().map(|t| tokenizer.encode(&t.replace("{}", name), context)).collect();
+            let ids: Vec<i64> = encoded.iter().flat_map(|e| e.ids.iter().copied()).collect();
+            let eot: Vec<i64> = encoded.iter().map(|e| e.eot_index as i64).collect();
+            let tokens = Tensor::from_slice(&ids).view([encoded.len() as i64, context as i64]).to_device(device);
+            let eot = Tensor::from_slice(&eot).to_device(device);
+            let mean = tch::no_grad(|| model.encode_text(&tokens, &eot)).mean_dim([0i64].as_slice(), false, kind);
+            crate::models::clip::normalize(&mean.unsqueeze(0)).squeeze_dim(0)
+        })
+        .collect();
+    Tensor::stack(&rows, 0).to_kind(Kind::Float).to_device(Device::Cpu)
+}
+
+impl std::fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "held-out pairs: {}", self.samples)?;
+        for (name, r) in [("image->text", &self.image_to_text), ("text->image", &self.text_to_image)] {
+            writeln!(
+                f,
+                "{name}: R@1 {:.1}%  R@5 {:.1}%  R@10 {:.1}%  (chance R@1 {:.2}%, {:.1}x chance)",
+                100.0 * r.r1,
+                100.0 * r.r5,
+                100.0 * r.r10,
+                100.0 * r.chance_r1,
+                r.r1 / r.chance_r1.max(1e-12)
+            )?;
+        }
+        if let (Some(acc), Some(chance)) = (self.zero_shot_top1, self.zero_shot_chance) {
+            writeln!(f, "zero-shot top-1: {:.1}% (chance {:.1}%)", 100.0 * acc, 100.0 * chance)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recall_counts_the_first_relevant_candidate() {
+        // Query 0 ranks candidate 2 first (its own group), query 1 ranks its own fifth or later.
+        let sim = Tensor::from_slice(&[0.1f32, 0.2, 0.9, 0.0, 0.9, 0.8, 0.7, 0.1]).view([2, 4]);
+        let r = recall_at_k(&sim, &[0, 1], &[1, 2, 0, 1]);
+        assert_eq!(r.r1, 0.5);
+        assert_eq!(r.r5, 1.0);
+        assert!((r.chance_r1 - (0.25 + 0.5) / 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn equal_captions_share_a_group() {
+        let caps: Vec<String> = ["a", "b", "a", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(caption_groups(&caps), vec![0, 1, 0, 2]);
+    }
+}
+
+/// Errors of an evaluation run.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The job has no held-out data.
+    #[error("no held-out data: set [data] eval in the job or pass --data")]
+    NoData,
+    /// The job has no checkpoint location and none was given.
+    #[error("no checkpoint: set [checkpoint] url in the job or pass --checkpoint")]
+    NoCheckpoint,
+    /// Nothing was committed at the checkpoint location.
+    #[error("no committed checkpoint under {0}")]
+    NothingCommitted(String),
+    /// Data could not be read.
+    #[error(transparent)]
+    Data(#[from] crate::data::Error),
+    /// The tokenizer could not be loaded.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::data::tokenizer::TokenizerError),
+    /// The checkpoint could not be read.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// The model could not be built or loaded.
+    #[error(transparent)]
+    Train(#[from] crate::trainer::TrainError),
+    /// `classes.json` could not be read.
+    #[error("class prompts {path}: {reason}")]
+    Classes {
+        /// Where they were looked for.
+        path: String,
+        /// Why they could not be used.
+        reason: String,
+    },
+}
+
+/// What to evaluate.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Checkpoint root or manifest (default: the job's `[checkpoint] url`, its `latest`).
+    pub checkpoint: Option<String>,
+    /// Held-out manifest (default: the job's `[data] eval`).
+    pub data: Option<String>,
+    /// Samples per forward batch.
+    pub batch: usize,
+    /// Device.
+    pub device: Device,
+}
+
+/// Loads a committed checkpoint into a fresh model; returns the trainer and the step.
+pub fn load_checkpoint(
+    config: &braid_coordinator::config::JobConfig,
+    vocab_size: i64,
+    checkpoint: Option<&str>,
+    device: Device,
+) -> Result<(crate::trainer::ClipTrainer, u64), EvalError> {
+    let url = checkpoint.or(config.checkpoint.url.as_deref()).ok_or(EvalError::NoCheckpoint)?;
+    let (root, manifest_ref) = match url.strip_suffix("/manifest.json") {
+        Some(step_dir) => {
+            let (root, step) = step_dir.rsplit_once('/').unwrap_or((".", step_dir));
+            (root.to_string(), format!("{step}/manifest.json"))
+        }
+        None => {
+            let store = crate::checkpoint::CheckpointStore::open(url)?;
+            let latest = store.latest()?.ok_or_else(|| EvalError::NothingCommitted(url.to_string()))?;
+            (url.to_string(), latest)
+        }
+    };
+    let store = crate::checkpoint::CheckpointStore::open(&root)?;
+    let (manifest, tensors) = store.read_checkpoint(&manifest_ref)?;
+    let clip = crate::trainer::clip_config(config, vocab_size).map_err(crate::trainer::TrainError::from)?;
+    let mut trainer = crate::trainer::ClipTrainer::new(config, clip, device)?;
+    trainer.load_state(tensors, &format!("{root}/{manifest_ref}"))?;
+    Ok((trainer, manifest.step))
+}
+
+/// Runs the held-out evaluation of a job's checkpoint.
+pub fn evaluate(config: &braid_coordinator::config::JobConfig, options: &EvalOptions) -> Result<EvalReport, EvalError> {
+    use crate::data::loader::{Loader, LoaderOptions};
+    let data_url = options.data.clone().or_else(|| config.data.eval.clone()).ok_or(EvalError::NoData)?;
+    let tokenizer = crate::data::tokenizer::load_tokenizer(&config.data.tokenizer)?;
+    let (trainer, _) = load_checkpoint(config, tokenizer.vocab_size() as i64, options.checkpoint.as_deref(), options.device)?;
+    let model = trainer.model();
+    let manifest = Arc::new(crate::data::store::load_manifest(&data_url)?);
+    let total = manifest.num_samples();
+    let batch = options.batch.max(1);
+    let steps = total.div_ceil(batch as u64);
+    let plan = braid_coordinator::plan::SamplePlan::new(manifest, config.job.seed, config.data.shuffle_window_shards);
+    let clip = model.config();
+    let mut loader = Loader::new(LoaderOptions {
+        plan,
+        manifest_url: data_url.clone(),
+        rank: 0,
+        world_size: 1,
+        global_batch: batch,
+        start_step: 0,
+        end_step: steps,
+        image_size: clip.vision.image_size as usize,
+        context_length: clip.text.context_length as usize,
+        tokenizer: tokenizer.clone(),
+        decode_threads: config.data.decode_threads,
+        prefetch_batches: config.data.prefetch_batches,
+        train: false,
+        min_crop_scale: 1.0,
+        seed: config.job.seed,
+        max_corrupt_samples: config.data.max_corrupt_samples,
+        on_corrupt: Arc::new(|c| tracing::warn!(shard = %c.shard, key = %c.key, "corrupt held-out sample: {}", c.reason)),
+        runtime: None,
+    })?;
+    let mut set = EmbeddedSet::default();
+    let kind = trainer.compute_kind();
+    for _ in 0..steps {
+        let b = loader.next_batch()?;
+        // The last batch runs into the next epoch: keep each sample once.
+        let valid: Vec<bool> = b.valid.iter().zip(&b.positions).map(|(v, p)| *v && *p < total).collect();
+        let n = b.valid.len() as i64;
+        let size = clip.vision.image_size;
+        let images = Tensor::from_slice(&b.images).view([n, 3, size, size]).to_kind(kind).to_device(options.device);
+        let context = clip.text.context_length;
+        let tokens = Tensor::from_slice(&b.tokens).view([n, context]).to_device(options.device);
+        let eot = Tensor::from_slice(&b.eot_index).to_device(options.device);
+        let (image, text) = tch::no_grad(|| (model.encode_image(&images), model.encode_text(&tokens, &eot)));
+        set.push(image, text, &b.captions, &b.classes, &valid);
+    }
+    let prompts = class_prompts(config, &data_url)?;
+    Ok(set.report(model, &tokenizer, prompts.as_ref()))
+}
+
+/// Reads `[data] classes`, or `classes.json` in the folder above the held-out manifest.
+fn class_prompts(config: &braid_coordinator::config::JobConfig, data_url: &str) -> Result<Option<ClassPrompts>, EvalError> {
+    let (path, required) = match &config.data.classes {
+        Some(p) => (p.clone(), true),
+        None => {
+            let manifest = std::path::Path::new(data_url.strip_prefix("file://").unwrap_or(data_url));
+            match manifest.parent().and_then(|d| d.parent()) {
+                Some(root) => (root.join("classes.json").display().to_string(), false),
+                None => return Ok(None),
+            }
+        }
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| EvalError::Classes { path, reason: e.to_string() }),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(EvalError::Classes { path, reason: e.to_string() }),
+    }
+}

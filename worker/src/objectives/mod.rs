@@ -1,0 +1,3 @@
+//! Pretraining objectives, written once and shared by the model families.
+
+pub mod itc;
