@@ -24,9 +24,13 @@ pub const TICK_INTERVAL: Duration = Duration::from_millis(200);
 /// Builds the service for `config`: opens the checkpoint root, resumes from `latest` when
 /// `checkpoint.resume` is set, and loads the training dataset's manifest.
 pub async fn prepare(config: JobConfig) -> Result<CoordinatorService> {
-    let manifest_bytes = store::read_url(&config.data.train)
-        .await
-        .map_err(|e| Error::Manifest { origin: config.data.train.clone(), reason: e.to_string() })?;
+    let manifest_bytes = store::read_url(&config.data.train).await.map_err(|e| Error::Manifest {
+        origin: config.data.train.clone(),
+        reason: match e {
+            Error::BadUrl { reason, .. } => reason,
+            other => other.to_string(),
+        },
+    })?;
     let dataset = DatasetManifest::from_json(&manifest_bytes, &config.data.train)?;
     let root = config.checkpoint.url.as_deref().map(store::open).transpose()?;
     let resume = match (&root, config.checkpoint.resume) {

@@ -154,7 +154,8 @@ fn header_mismatches_are_refused() {
         ..Default::default()
     };
     assert_eq!(s.c.join(s.at(0.0), &any_job).unwrap().worker_id, "w-1", "Join may leave the job id empty");
-    let no_job = HeartbeatRequest { header: any_job.header.clone().map(|h| Header { worker_id: "w-1".into(), ..h }), step: 0 };
+    let no_job =
+        HeartbeatRequest { header: any_job.header.clone().map(|h| Header { worker_id: "w-1".into(), ..h }), step: 0 };
     assert!(matches!(s.c.heartbeat(s.at(0.0), &no_job).unwrap_err(), Error::JobMismatch { .. }));
 
     let err = s.c.join(s.at(0.0), &JoinRequest::default()).unwrap_err();

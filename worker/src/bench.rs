@@ -89,7 +89,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     let clip = clip_config(&config, options.vocab_size)?;
     let mut trainer = ClipTrainer::new(&config, clip, options.device)?;
     let (listener, _) = RingListener::bind("127.0.0.1:0")?;
-    let mut coll = RingCollective::connect(listener, 0, 1, &["127.0.0.1:0".to_string()], std::time::Duration::from_secs(60))?;
+    let mut coll = RingCollective::connect(listener, 0, 1, &["127.0.0.1:0".to_string()], 0, std::time::Duration::from_secs(60))?;
 
     let b = options.batch as i64;
     let (size, context) = (clip.vision.image_size, clip.text.context_length);

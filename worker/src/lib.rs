@@ -1,7 +1,12 @@
 //! braid's worker: models, objectives, data, collectives, trainer and checkpoints.
 
+pub mod bench;
+pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod eval;
 pub mod models;
 pub mod objectives;
 pub mod optim;
+pub mod trainer;
+pub mod worker;

@@ -12,7 +12,6 @@ use tch::Device;
 
 use crate::checkpoint::CheckpointStore;
 use crate::collective::{RingCollective, RingListener};
-use crate::collective::Collective;
 use crate::data::loader::{CorruptSample, Loader, LoaderOptions};
 use crate::data::{store, tokenizer};
 use crate::trainer::{clip_config, ClipTrainer, DeviceBatch};
@@ -114,7 +113,7 @@ pub fn run(options: WorkerOptions) -> Result<(), WorkerError> {
 
 fn spawn_heartbeat(
     runtime: &tokio::runtime::Runtime,
-    mut client: CoordinatorClient,
+    client: CoordinatorClient,
     step: Arc<AtomicU64>,
     interval: Duration,
 ) -> tokio::task::JoinHandle<()> {
@@ -152,7 +151,7 @@ fn train(
     };
     let (generation, rank, world_size) = (rendezvous.generation, rendezvous.rank as usize, rendezvous.world_size as usize);
     let timeout = Duration::from_secs_f64(config.cluster.collective_timeout_s);
-    let mut coll = RingCollective::connect(listener, rank, world_size, &rendezvous.endpoints, timeout)?;
+    let mut coll = RingCollective::connect(listener, rank, world_size, &rendezvous.endpoints, generation, timeout)?;
     let plan_reply = runtime.block_on(client.data_plan(generation))?;
     tracing::info!(rank, world_size, generation, start_step = plan_reply.start_step, "rendezvous complete");
 
@@ -172,7 +171,7 @@ fn train(
     let handle = runtime.handle().clone();
     let on_corrupt = Arc::new(move |c: CorruptSample| {
         tracing::warn!(shard = %c.shard, key = %c.key, "corrupt sample skipped: {}", c.reason);
-        let mut client = corrupt_client.clone();
+        let client = corrupt_client.clone();
         let _ = handle.block_on(client.report_corrupt(&c.shard, &c.key, &c.reason));
     });
     let global_batch = config.train.global_batch;
@@ -238,7 +237,24 @@ fn train(
             )));
         }
     }
-    Ok(())
+    wait_for_job_end(runtime, client, config)
+}
+
+/// Stays a member until the coordinator reports the job finished (the final checkpoint needs
+/// every rank of the generation), so an early exit cannot end the generation under the others.
+fn wait_for_job_end(runtime: &tokio::runtime::Runtime, client: &CoordinatorClient, config: &JobConfig) -> Result<(), WorkerError> {
+    let deadline = Instant::now() + Duration::from_secs_f64(config.cluster.heartbeat_timeout_s.max(1.0) * 4.0 + 60.0);
+    while Instant::now() < deadline {
+        let reply = runtime.block_on(client.heartbeat(config.train.steps.saturating_sub(1)))?;
+        if reply.job_finished {
+            return Ok(());
+        }
+        if reply.rendezvous_required {
+            return Err(WorkerError::Protocol("the generation ended before the job was marked finished".into()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(WorkerError::Protocol("the coordinator did not mark the job finished after the last step".into()))
 }
 
 fn port_of(addr: &str) -> &str {

@@ -356,5 +356,5 @@ fn all_reduce_throughput() {
     let bytes = (n * 4) as f64;
     // Bus bandwidth as NCCL reports it: 2 (W-1)/W of the buffer crosses each link.
     let bus = bytes * 2.0 * (world_size - 1) as f64 / world_size as f64 / per_call.as_secs_f64();
-    eprintln!("all_reduce of {} MiB on {world_size} ranks: {per_call:?} per call, bus {:.2} GB/s", n * 4 >> 20, bus / 1e9);
+    eprintln!("all_reduce of {} MiB on {world_size} ranks: {per_call:?} per call, bus {:.2} GB/s", (n * 4) >> 20, bus / 1e9);
 }

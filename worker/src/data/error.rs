@@ -114,6 +114,11 @@ impl Error {
         Error::Io { path: path.as_ref().display().to_string(), source }
     }
 
+    /// True when the object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::NotFound { .. })
+    }
+
     /// An object-store error on `url`, with "not found" kept distinct.
     pub fn store(url: &str, source: object_store::Error) -> Self {
         match source {

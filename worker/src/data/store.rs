@@ -134,6 +134,12 @@ impl Location {
         Ok(bytes)
     }
 
+    /// Writes the whole object, replacing what was there.
+    pub async fn put(&self, bytes: Bytes) -> Result<()> {
+        self.store.put(&self.path, bytes.into()).await.map_err(|e| Error::store(self.url(), e))?;
+        Ok(())
+    }
+
     /// The object's size in bytes.
     pub async fn size(&self) -> Result<u64> {
         let meta = self.store.head(&self.path).await.map_err(|e| Error::store(self.url(), e))?;
