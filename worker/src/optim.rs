@@ -100,10 +100,12 @@ impl AdamW {
                     let _ = s.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
                 let _ = s.exp_avg.lerp_(&grad, 1.0 - c.beta1);
-                let _ = s.exp_avg_sq.g_mul_scalar_(c.beta2).addcmul_(&grad, &(&grad * (1.0 - c.beta2)));
-                let sq = &s.exp_avg_sq;
-                let denom = sq.sqrt() / bias2.sqrt() + c.eps;
-                let _ = s.param.addcdiv_(&(&s.exp_avg * (-lr / bias1)), &denom);
+                let _ = s.exp_avg_sq.lerp_(&grad.square(), 1.0 - c.beta2);
+                // param -= lr / bias1 * exp_avg / (sqrt(exp_avg_sq / bias2) + eps), with the
+                // step size folded into the denominator so no further temporary is needed.
+                let mut denom = s.exp_avg_sq.sqrt();
+                let _ = denom.g_div_scalar_(bias2.sqrt()).g_add_scalar_(c.eps).g_mul_scalar_(-bias1 / lr);
+                let _ = s.param.addcdiv_(&s.exp_avg, &denom);
             }
         });
     }
@@ -164,8 +166,9 @@ pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> f64 {
         return 0.0;
     }
     let norm = tch::no_grad(|| {
-        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double)).collect();
-        Tensor::stack(&squares, 0).sum(Kind::Double).sqrt().double_value(&[])
+        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+        let norms: Vec<f64> = Vec::try_from(Tensor::stack(&norms, 0).to_kind(Kind::Double)).expect("f64 norms");
+        norms.iter().map(|n| n * n).sum::<f64>().sqrt()
     });
     if max_norm > 0.0 && norm > max_norm {
         let coef = max_norm / (norm + 1e-6);

@@ -12,8 +12,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds one listener per rank and connects all of them concurrently; ring `r` is rank `r`.
 fn connect_ring(world_size: usize, session: u64, timeout: Duration) -> Vec<RingCollective> {
-    let (listeners, endpoints): (Vec<_>, Vec<_>) =
-        (0..world_size).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).unzip();
+    let (listeners, endpoints): (Vec<_>, Vec<_>) = (0..world_size)
+        .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
+        .unzip();
     let endpoints = &endpoints;
     std::thread::scope(|s| {
         let joins: Vec<_> = listeners
@@ -37,7 +38,10 @@ fn on_each<R: Send>(
 ) -> Vec<R> {
     let f = &f;
     std::thread::scope(|s| {
-        let joins: Vec<_> = rings.iter_mut().map(|ring| s.spawn(move || f(ring))).collect();
+        let joins: Vec<_> = rings
+            .iter_mut()
+            .map(|ring| s.spawn(move || f(ring)))
+            .collect();
         joins.into_iter().map(|j| j.join().unwrap()).collect()
     })
 }
@@ -93,7 +97,11 @@ fn every_operation_on_rings_of_one_to_five_ranks() {
                 for &n in sizes {
                     let reduced = all_reduce(ring, input(rank, n, kind, true));
                     let expected = direct_sum(world_size, n, kind, true).to_kind(kind);
-                    assert_same(&reduced, &expected, &format!("W={world_size} {kind:?} n={n}"));
+                    assert_same(
+                        &reduced,
+                        &expected,
+                        &format!("W={world_size} {kind:?} n={n}"),
+                    );
                 }
             }
 
@@ -110,25 +118,53 @@ fn every_operation_on_rings_of_one_to_five_ranks() {
                 let gathered = ring.all_gather(&mine).unwrap();
                 let parts: Vec<Tensor> = (0..world_size)
                     .map(|r| input(r, numel as usize, kind, true).reshape([-1]))
-                    .map(|t| if shape.is_empty() { t } else { t.reshape(&shape) })
+                    .map(|t| {
+                        if shape.is_empty() {
+                            t
+                        } else {
+                            t.reshape(&shape)
+                        }
+                    })
                     .collect();
                 let expected = Tensor::cat(&parts, 0);
-                assert_same(&gathered, &expected, &format!("gather W={world_size} {kind:?} {shape:?}"));
+                assert_same(
+                    &gathered,
+                    &expected,
+                    &format!("gather W={world_size} {kind:?} {shape:?}"),
+                );
             }
 
             // Broadcast from every root; large (pipelined), bf16, and a strided tensor.
             for root in 0..world_size {
-                for (kind, n) in [(Kind::Float, 1_000_003), (Kind::Float, 1), (Kind::BFloat16, 7), (Kind::Double, 12)] {
+                for (kind, n) in [
+                    (Kind::Float, 1_000_003),
+                    (Kind::Float, 1),
+                    (Kind::BFloat16, 7),
+                    (Kind::Double, 12),
+                ] {
                     let mut t = input(rank, n, kind, false);
                     ring.broadcast(&mut t, root).unwrap();
-                    assert_same(&t, &input(root, n, kind, false), &format!("broadcast W={world_size} root={root} {kind:?} n={n}"));
+                    assert_same(
+                        &t,
+                        &input(root, n, kind, false),
+                        &format!("broadcast W={world_size} root={root} {kind:?} n={n}"),
+                    );
                 }
-                let mut strided = input(rank, 12, Kind::Float, false).view([3, 4]).transpose(0, 1);
+                let mut strided = input(rank, 12, Kind::Float, false)
+                    .view([3, 4])
+                    .transpose(0, 1);
                 ring.broadcast(&mut strided, root).unwrap();
-                let expected = input(root, 12, Kind::Float, false).view([3, 4]).transpose(0, 1);
+                let expected = input(root, 12, Kind::Float, false)
+                    .view([3, 4])
+                    .transpose(0, 1);
                 assert_same(&strided, &expected, "strided broadcast");
             }
-            assert!(ring.broadcast(&mut Tensor::zeros([1], (Kind::Float, Device::Cpu)), world_size).is_err());
+            assert!(ring
+                .broadcast(
+                    &mut Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+                    world_size
+                )
+                .is_err());
         });
     }
 }
@@ -140,7 +176,11 @@ fn all_reduce_is_reproducible_bitwise_and_identical_on_every_rank() {
         let results = on_each(&mut rings, |ring| {
             let rank = ring.rank();
             let mut out = Vec::new();
-            for (kind, n) in [(Kind::Float, 100_003), (Kind::BFloat16, 1001), (Kind::Double, 999)] {
+            for (kind, n) in [
+                (Kind::Float, 100_003),
+                (Kind::BFloat16, 1001),
+                (Kind::Double, 999),
+            ] {
                 let first = all_reduce(ring, input(rank, n, kind, false));
                 let second = all_reduce(ring, input(rank, n, kind, false));
                 assert_same(&second, &first, "repeated call");
@@ -150,12 +190,21 @@ fn all_reduce_is_reproducible_bitwise_and_identical_on_every_rank() {
         });
         for (rank, result) in results.iter().enumerate() {
             for (i, t) in result.iter().enumerate() {
-                assert_same(t, &results[0][i], &format!("rank {rank} vs rank 0, case {i}"));
+                assert_same(
+                    t,
+                    &results[0][i],
+                    &format!("rank {rank} vs rank 0, case {i}"),
+                );
                 let n = t.numel();
                 let expected = direct_sum(world_size, n, t.kind(), false);
-                let tolerance = if t.kind() == Kind::BFloat16 { 1e-2 } else { 1e-5 };
+                let tolerance = if t.kind() == Kind::BFloat16 {
+                    1e-2
+                } else {
+                    1e-5
+                };
                 assert!(
-                    t.to_kind(Kind::Double).allclose(&expected, tolerance, 1e-6, false),
+                    t.to_kind(Kind::Double)
+                        .allclose(&expected, tolerance, 1e-6, false),
                     "case {i} is not close to the direct sum"
                 );
             }
@@ -194,7 +243,11 @@ fn bucketed_all_reduce_sums_every_tensor() {
             for rank in 0..world_size {
                 expected += make(rank)[i].to_kind(Kind::Double);
             }
-            assert_same(t, &expected.to_kind(t.kind()), &format!("bucketed tensor {i}"));
+            assert_same(
+                t,
+                &expected.to_kind(t.kind()),
+                &format!("bucketed tensor {i}"),
+            );
         }
     }
 }
@@ -209,15 +262,28 @@ fn cuda_tensors_go_through_the_host() {
     let mut rings = connect_ring(2, 3, TIMEOUT);
     on_each(&mut rings, |ring| {
         let rank = ring.rank();
-        let reduced = all_reduce(ring, input(rank, 1001, Kind::BFloat16, true).to_device(device));
+        let reduced = all_reduce(
+            ring,
+            input(rank, 1001, Kind::BFloat16, true).to_device(device),
+        );
         assert_eq!(reduced.device(), device);
         let expected = direct_sum(2, 1001, Kind::BFloat16, true).to_kind(Kind::BFloat16);
-        assert_same(&reduced.to_device(Device::Cpu), &expected, "cuda all_reduce");
-        let gathered = ring.all_gather(&input(rank, 5, Kind::Float, true).to_device(device)).unwrap();
+        assert_same(
+            &reduced.to_device(Device::Cpu),
+            &expected,
+            "cuda all_reduce",
+        );
+        let gathered = ring
+            .all_gather(&input(rank, 5, Kind::Float, true).to_device(device))
+            .unwrap();
         assert_eq!(gathered.device(), device);
         let mut b = input(rank, 9, Kind::Float, false).to_device(device);
         ring.broadcast(&mut b, 1).unwrap();
-        assert_same(&b.to_device(Device::Cpu), &input(1, 9, Kind::Float, false), "cuda broadcast");
+        assert_same(
+            &b.to_device(Device::Cpu),
+            &input(1, 9, Kind::Float, false),
+            "cuda broadcast",
+        );
     });
 }
 
@@ -227,25 +293,38 @@ fn mismatched_calls_fail_on_both_ranks() {
     let start = Instant::now();
     let errors = on_each(&mut rings, |ring| {
         let n = 5 + ring.rank();
-        ring.all_reduce_sum(&mut Tensor::ones([n as i64], (Kind::Float, Device::Cpu))).unwrap_err()
+        ring.all_reduce_sum(&mut Tensor::ones([n as i64], (Kind::Float, Device::Cpu)))
+            .unwrap_err()
     });
-    assert!(start.elapsed() < Duration::from_secs(5), "mismatch took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "mismatch took {:?}",
+        start.elapsed()
+    );
     let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
     assert!(
-        errors.iter().any(|e| matches!(e, CollectiveError::Mismatch { .. })),
+        errors
+            .iter()
+            .any(|e| matches!(e, CollectiveError::Mismatch { .. })),
         "no mismatch reported: {text:?}"
     );
-    assert!(text.iter().any(|t| t.contains("it has 6 elements, here 5")), "{text:?}");
+    assert!(
+        text.iter().any(|t| t.contains("it has 6 elements, here 5")),
+        "{text:?}"
+    );
     // The ring is broken from now on.
-    let err = rings[0].all_reduce_sum(&mut Tensor::ones([5], (Kind::Float, Device::Cpu))).unwrap_err();
+    let err = rings[0]
+        .all_reduce_sum(&mut Tensor::ones([5], (Kind::Float, Device::Cpu)))
+        .unwrap_err();
     assert!(matches!(err, CollectiveError::Broken { .. }), "{err}");
 }
 
 #[test]
 fn stale_session_is_refused() {
     let world_size = 2;
-    let (listeners, endpoints): (Vec<_>, Vec<_>) =
-        (0..world_size).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).unzip();
+    let (listeners, endpoints): (Vec<_>, Vec<_>) = (0..world_size)
+        .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
+        .unzip();
     let endpoints = &endpoints;
     let start = Instant::now();
     let errors: Vec<String> = std::thread::scope(|s| {
@@ -256,16 +335,27 @@ fn stale_session_is_refused() {
                 // Rank 1 still believes in the previous generation.
                 let session = 10 + rank as u64;
                 s.spawn(move || {
-                    RingCollective::connect(listener, rank, world_size, endpoints, session, Duration::from_secs(1))
-                        .err()
-                        .expect("a stale peer must be refused")
-                        .to_string()
+                    RingCollective::connect(
+                        listener,
+                        rank,
+                        world_size,
+                        endpoints,
+                        session,
+                        Duration::from_secs(1),
+                    )
+                    .err()
+                    .expect("a stale peer must be refused")
+                    .to_string()
                 })
             })
             .collect();
         joins.into_iter().map(|j| j.join().unwrap()).collect()
     });
-    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
     for e in &errors {
         assert!(e.contains("another session"), "{e}");
     }
@@ -290,10 +380,16 @@ fn peer_that_exits_mid_call_fails_the_others_quickly() {
             .collect();
         std::thread::sleep(Duration::from_millis(200));
         drop(dying);
-        joins.into_iter().map(|j| j.join().unwrap()).collect::<Vec<_>>()
+        joins
+            .into_iter()
+            .map(|j| j.join().unwrap())
+            .collect::<Vec<_>>()
     });
     for (rank, (error, elapsed)) in errors.iter().enumerate() {
-        assert!(*elapsed < timeout + Duration::from_millis(500), "rank {rank} took {elapsed:?}");
+        assert!(
+            *elapsed < timeout + Duration::from_millis(500),
+            "rank {rank} took {elapsed:?}"
+        );
         eprintln!("rank {rank} failed after {elapsed:?}: {error}");
         assert!(
             matches!(
@@ -305,7 +401,10 @@ fn peer_that_exits_mid_call_fails_the_others_quickly() {
     }
     // Rank 0 reads from rank 2, which is gone.
     assert!(
-        matches!(errors[0].0, CollectiveError::PeerDisconnected { peer: 2, .. }),
+        matches!(
+            errors[0].0,
+            CollectiveError::PeerDisconnected { peer: 2, .. }
+        ),
         "{}",
         errors[0].0
     );
@@ -322,7 +421,10 @@ fn silent_peer_times_out_within_the_deadline() {
         (ring.all_reduce_sum(&mut t).unwrap_err(), start.elapsed())
     });
     for (rank, (error, elapsed)) in errors.iter().enumerate() {
-        assert!(*elapsed < timeout + Duration::from_millis(500), "rank {rank} took {elapsed:?}");
+        assert!(
+            *elapsed < timeout + Duration::from_millis(500),
+            "rank {rank} took {elapsed:?}"
+        );
         eprintln!("rank {rank} failed after {elapsed:?}: {error}");
     }
     assert!(
@@ -330,8 +432,14 @@ fn silent_peer_times_out_within_the_deadline() {
         "{}",
         errors[0].0
     );
-    assert!(errors[0].0.to_string().contains("all_reduce_sum"), "{}", errors[0].0);
-    let again = rings[1].all_gather(&Tensor::ones([1], (Kind::Float, Device::Cpu))).unwrap_err();
+    assert!(
+        errors[0].0.to_string().contains("all_reduce_sum"),
+        "{}",
+        errors[0].0
+    );
+    let again = rings[1]
+        .all_gather(&Tensor::ones([1], (Kind::Float, Device::Cpu)))
+        .unwrap_err();
     assert!(matches!(again, CollectiveError::Broken { .. }), "{again}");
 }
 
@@ -356,5 +464,9 @@ fn all_reduce_throughput() {
     let bytes = (n * 4) as f64;
     // Bus bandwidth as NCCL reports it: 2 (W-1)/W of the buffer crosses each link.
     let bus = bytes * 2.0 * (world_size - 1) as f64 / world_size as f64 / per_call.as_secs_f64();
-    eprintln!("all_reduce of {} MiB on {world_size} ranks: {per_call:?} per call, bus {:.2} GB/s", (n * 4) >> 20, bus / 1e9);
+    eprintln!(
+        "all_reduce of {} MiB on {world_size} ranks: {per_call:?} per call, bus {:.2} GB/s",
+        (n * 4) >> 20,
+        bus / 1e9
+    );
 }

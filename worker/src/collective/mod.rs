@@ -178,12 +178,16 @@ pub fn connect_collective(
     timeout: Duration,
 ) -> Result<Box<dyn Collective>, CollectiveError> {
     match rendezvous {
-        Rendezvous::Ring { listener, endpoints, session } => Ok(Box::new(RingCollective::connect(
+        Rendezvous::Ring {
+            listener,
+            endpoints,
+            session,
+        } => Ok(Box::new(RingCollective::connect(
             listener, rank, world_size, &endpoints, session, timeout,
         )?)),
-        Rendezvous::Nccl { id } => {
-            Ok(Box::new(NcclCollective::connect(device, rank, world_size, &id, timeout)?))
-        }
+        Rendezvous::Nccl { id } => Ok(Box::new(NcclCollective::connect(
+            device, rank, world_size, &id, timeout,
+        )?)),
     }
 }
 
@@ -202,9 +206,7 @@ pub fn flatten(tensors: &[Tensor]) -> Result<Tensor, CollectiveError> {
         if k != kind || d != device {
             return Err(CollectiveError::InvalidArgument {
                 op: "flatten",
-                detail: format!(
-                    "tensor {i} is {k:?} on {d:?}, tensor 0 is {kind:?} on {device:?}"
-                ),
+                detail: format!("tensor {i} is {k:?} on {d:?}, tensor 0 is {kind:?} on {device:?}"),
             });
         }
         flat.push(t.f_reshape([-1])?);
@@ -276,6 +278,9 @@ pub fn all_reduce_buckets<C: Collective + ?Sized>(
     tensors: &mut [Tensor],
     bucket_bytes: usize,
 ) -> Result<(), CollectiveError> {
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
     for range in bucket_ranges(tensors, bucket_bytes) {
         let bucket = &mut tensors[range];
         if let [single] = bucket {
@@ -295,7 +300,10 @@ mod tests {
 
     #[test]
     fn buckets_keep_order_and_respect_the_limit() {
-        let items: Vec<(usize, u8)> = [40, 40, 30, 10, 100, 5, 5].iter().map(|&b| (b, 0)).collect();
+        let items: Vec<(usize, u8)> = [40, 40, 30, 10, 100, 5, 5]
+            .iter()
+            .map(|&b| (b, 0))
+            .collect();
         assert_eq!(split_buckets(&items, 100), vec![0..2, 2..4, 4..5, 5..7]);
     }
 
@@ -317,9 +325,9 @@ mod tests {
     #[test]
     fn bucket_ranges_reads_sizes_and_dtypes_from_tensors() {
         let tensors = vec![
-            Tensor::zeros([10], (Kind::Float, Device::Cpu)),  // 40 bytes
-            Tensor::zeros([5], (Kind::Float, Device::Cpu)),   // 20 bytes
-            Tensor::zeros([5], (Kind::Double, Device::Cpu)),  // 40 bytes, other dtype
+            Tensor::zeros([10], (Kind::Float, Device::Cpu)), // 40 bytes
+            Tensor::zeros([5], (Kind::Float, Device::Cpu)),  // 20 bytes
+            Tensor::zeros([5], (Kind::Double, Device::Cpu)), // 40 bytes, other dtype
             Tensor::zeros([30], (Kind::Double, Device::Cpu)), // 240 bytes, oversized
         ];
         assert_eq!(bucket_ranges(&tensors, 64), vec![0..2, 2..3, 3..4]);
@@ -330,7 +338,9 @@ mod tests {
         let a = Tensor::arange(6, (Kind::Float, Device::Cpu)).view([2, 3]);
         let b = Tensor::from_slice(&[10f32, 11.]);
         let c = Tensor::from(7f32); // 0-dim
-        let d = Tensor::arange(8, (Kind::Float, Device::Cpu)).view([4, 2]).transpose(0, 1);
+        let d = Tensor::arange(8, (Kind::Float, Device::Cpu))
+            .view([4, 2])
+            .transpose(0, 1);
         let originals = [a, b, c, d];
         let flat = flatten(&originals).unwrap();
         assert_eq!(flat.size(), vec![6 + 2 + 1 + 8]);
@@ -358,8 +368,11 @@ mod tests {
         let err = flatten(&[a.copy(), b]).unwrap_err();
         assert!(err.to_string().contains("tensor 1 is Double"), "{err}");
         let mut targets = vec![a];
-        let err = unflatten(&Tensor::zeros([3], (Kind::Float, Device::Cpu)), &mut targets)
-            .unwrap_err();
+        let err = unflatten(
+            &Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+            &mut targets,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("2 elements"), "{err}");
     }
 

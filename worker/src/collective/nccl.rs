@@ -84,7 +84,9 @@ impl NcclUniqueId {
     /// A fresh id (calls `ncclGetUniqueId`, which needs the library; on rank 0 only).
     pub fn new() -> Result<NcclUniqueId, CollectiveError> {
         let lib = library()?;
-        let mut id = ncclUniqueId { internal: [0; NcclUniqueId::LEN] };
+        let mut id = ncclUniqueId {
+            internal: [0; NcclUniqueId::LEN],
+        };
         // SAFETY: `id` is a valid ncclUniqueId for NCCL to fill.
         lib.check(unsafe { (lib.get_unique_id)(&mut id) }, "ncclGetUniqueId")?;
         Ok(NcclUniqueId(id.internal.map(|c| c as u8)))
@@ -98,15 +100,23 @@ impl NcclUniqueId {
     /// The id from published bytes; fails unless there are exactly [`NcclUniqueId::LEN`].
     pub fn from_bytes(bytes: &[u8]) -> Result<NcclUniqueId, CollectiveError> {
         let bytes: [u8; NcclUniqueId::LEN] =
-            bytes.try_into().map_err(|_| CollectiveError::InvalidArgument {
-                op: "nccl id",
-                detail: format!("an NCCL id has {} bytes, got {}", NcclUniqueId::LEN, bytes.len()),
-            })?;
+            bytes
+                .try_into()
+                .map_err(|_| CollectiveError::InvalidArgument {
+                    op: "nccl id",
+                    detail: format!(
+                        "an NCCL id has {} bytes, got {}",
+                        NcclUniqueId::LEN,
+                        bytes.len()
+                    ),
+                })?;
         Ok(NcclUniqueId(bytes))
     }
 
     fn to_sys(self) -> ncclUniqueId {
-        ncclUniqueId { internal: self.0.map(|b| b as c_char) }
+        ncclUniqueId {
+            internal: self.0.map(|b| b as c_char),
+        }
     }
 }
 
@@ -184,7 +194,8 @@ impl NcclCollective {
                         let code = unsafe {
                             (lib.comm_init_rank)(&mut comm, world_size as c_int, id, rank as c_int)
                         };
-                        lib.check(code, "ncclCommInitRank").map(|()| CommHandle(comm))
+                        lib.check(code, "ncclCommInitRank")
+                            .map(|()| CommHandle(comm))
                     });
                 if let Err(mpsc::SendError(Ok(late))) = done.send(result) {
                     // The caller gave up waiting; release what arrived too late.
@@ -195,7 +206,13 @@ impl NcclCollective {
             .map_err(|e| CollectiveError::Nccl(format!("starting the init thread: {e}")))?;
         let comm = match finished.recv_timeout(timeout) {
             Ok(result) => result?,
-            Err(_) => return Err(CollectiveError::Timeout { op, peer: None, after: timeout }),
+            Err(_) => {
+                return Err(CollectiveError::Timeout {
+                    op,
+                    peer: None,
+                    after: timeout,
+                })
+            }
         };
         Ok(NcclCollective {
             lib,
@@ -211,7 +228,10 @@ impl NcclCollective {
 
     fn check_tensor(&self, op: &'static str, tensor: &Tensor) -> Result<(), CollectiveError> {
         if let Some(reason) = &self.broken {
-            return Err(CollectiveError::Broken { op, reason: reason.clone() });
+            return Err(CollectiveError::Broken {
+                op,
+                reason: reason.clone(),
+            });
         }
         if tensor.device() != self.device {
             return Err(CollectiveError::InvalidArgument {
@@ -272,7 +292,11 @@ impl NcclCollective {
                 self.lib.check(async_error, op)?;
             }
             if Instant::now() >= deadline {
-                return Err(CollectiveError::Timeout { op, peer: None, after: self.timeout });
+                return Err(CollectiveError::Timeout {
+                    op,
+                    peer: None,
+                    after: self.timeout,
+                });
             }
             polls += 1;
             if polls < 200 {
@@ -384,14 +408,21 @@ impl Collective for NcclCollective {
         if root >= self.world_size {
             return Err(CollectiveError::InvalidArgument {
                 op,
-                detail: format!("root {root} is not a rank of a world of size {}", self.world_size),
+                detail: format!(
+                    "root {root} is not a rank of a world of size {}",
+                    self.world_size
+                ),
             });
         }
         let bytes = tensor.numel() * tensor.f_kind()?.elt_size_in_bytes();
         if bytes == 0 {
             return Ok(());
         }
-        let staged = if tensor.is_contiguous() { None } else { Some(tensor.f_contiguous()?) };
+        let staged = if tensor.is_contiguous() {
+            None
+        } else {
+            Some(tensor.f_contiguous()?)
+        };
         let buffer = staged.as_ref().unwrap_or(tensor).data_ptr();
         self.enqueue_and_wait(op, |lib, comm| unsafe {
             // SAFETY: `buffer` holds `bytes` contiguous bytes on this device.
@@ -435,8 +466,14 @@ type AllReduceFn = unsafe extern "C" fn(
     ncclComm_t,
     *mut c_void,
 ) -> c_int;
-type AllGatherFn =
-    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, ncclComm_t, *mut c_void) -> c_int;
+type AllGatherFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    ncclComm_t,
+    *mut c_void,
+) -> c_int;
 type BroadcastFn = unsafe extern "C" fn(
     *const c_void,
     *mut c_void,
@@ -480,7 +517,9 @@ impl NcclLibrary {
                 CStr::from_ptr(s).to_string_lossy().into_owned()
             }
         };
-        Err(CollectiveError::Nccl(format!("{call} failed: {text} (code {code})")))
+        Err(CollectiveError::Nccl(format!(
+            "{call} failed: {text} (code {code})"
+        )))
     }
 }
 
@@ -498,7 +537,11 @@ fn library_candidates() -> Vec<(String, bool)> {
         return vec![(path, false)];
     }
     let mut candidates = vec![("libnccl.so.2".to_string(), true)];
-    candidates.extend(cudarc::get_lib_name_candidates("nccl").into_iter().map(|n| (n, false)));
+    candidates.extend(
+        cudarc::get_lib_name_candidates("nccl")
+            .into_iter()
+            .map(|n| (n, false)),
+    );
     candidates.push(("libnccl.so.2".to_string(), false));
     candidates
 }
@@ -508,7 +551,9 @@ fn load_library() -> Result<NcclLibrary, String> {
     let candidates = library_candidates();
     let mut tried = Vec::new();
     for (name, loaded_only) in &candidates {
-        let Ok(c_name) = CString::new(name.as_str()) else { continue };
+        let Ok(c_name) = CString::new(name.as_str()) else {
+            continue;
+        };
         let flags = dl::RTLD_NOW | if *loaded_only { dl::RTLD_NOLOAD } else { 0 };
         // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
         let handle = unsafe { dl::dlopen(c_name.as_ptr(), flags) };
@@ -536,7 +581,11 @@ fn load_library() -> Result<NcclLibrary, String> {
 /// `handle` must come from `dlopen` of an NCCL library and stay open.
 #[cfg(target_os = "linux")]
 unsafe fn resolve(handle: *mut c_void, name: &str) -> Result<NcclLibrary, String> {
-    unsafe fn symbol<F: Copy>(handle: *mut c_void, library: &str, symbol: &str) -> Result<F, String> {
+    unsafe fn symbol<F: Copy>(
+        handle: *mut c_void,
+        library: &str,
+        symbol: &str,
+    ) -> Result<F, String> {
         assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
         let c_symbol = CString::new(symbol).expect("symbol names have no NUL");
         let address = dl::dlsym(handle, c_symbol.as_ptr());
@@ -550,8 +599,12 @@ unsafe fn resolve(handle: *mut c_void, name: &str) -> Result<NcclLibrary, String
     let mut version: c_int = 0;
     get_version(&mut version);
     let mut info = dl::DlInfo::default();
-    let path = if dl::dladdr(get_unique_id as *const c_void, &mut info) != 0 && !info.dli_fname.is_null() {
-        CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned()
+    let path = if dl::dladdr(get_unique_id as *const c_void, &mut info) != 0
+        && !info.dli_fname.is_null()
+    {
+        CStr::from_ptr(info.dli_fname)
+            .to_string_lossy()
+            .into_owned()
     } else {
         name.to_string()
     };
@@ -609,10 +662,22 @@ mod tests {
 
     #[test]
     fn dtypes_map_to_nccl_types() {
-        assert_eq!(nccl_data_type(Kind::Float), Some(ncclDataType_t::ncclFloat32));
-        assert_eq!(nccl_data_type(Kind::Double), Some(ncclDataType_t::ncclFloat64));
-        assert_eq!(nccl_data_type(Kind::BFloat16), Some(ncclDataType_t::ncclBfloat16));
-        assert_eq!(nccl_data_type(Kind::Half), Some(ncclDataType_t::ncclFloat16));
+        assert_eq!(
+            nccl_data_type(Kind::Float),
+            Some(ncclDataType_t::ncclFloat32)
+        );
+        assert_eq!(
+            nccl_data_type(Kind::Double),
+            Some(ncclDataType_t::ncclFloat64)
+        );
+        assert_eq!(
+            nccl_data_type(Kind::BFloat16),
+            Some(ncclDataType_t::ncclBfloat16)
+        );
+        assert_eq!(
+            nccl_data_type(Kind::Half),
+            Some(ncclDataType_t::ncclFloat16)
+        );
         assert_eq!(nccl_data_type(Kind::Int64), Some(ncclDataType_t::ncclInt64));
         assert_eq!(nccl_data_type(Kind::ComplexFloat), None);
         // The numeric values are NCCL's ABI.
@@ -623,7 +688,9 @@ mod tests {
 
     #[test]
     fn unique_id_round_trips_through_bytes() {
-        let bytes: Vec<u8> = (0..NcclUniqueId::LEN).map(|i| (i * 7 % 256) as u8).collect();
+        let bytes: Vec<u8> = (0..NcclUniqueId::LEN)
+            .map(|i| (i * 7 % 256) as u8)
+            .collect();
         let id = NcclUniqueId::from_bytes(&bytes).unwrap();
         assert_eq!(id.as_bytes().as_slice(), bytes.as_slice());
         let sys = id.to_sys();
@@ -640,7 +707,10 @@ mod tests {
         let candidates = library_candidates();
         assert_eq!(candidates[0], ("libnccl.so.2".to_string(), true));
         assert!(candidates.iter().any(|(n, _)| n == "libnccl.so"));
-        assert_eq!(candidates.last().unwrap(), &("libnccl.so.2".to_string(), false));
+        assert_eq!(
+            candidates.last().unwrap(),
+            &("libnccl.so.2".to_string(), false)
+        );
     }
 
     #[test]
@@ -671,7 +741,10 @@ mod tests {
             let expected = values.to_kind(kind);
             let mut t = expected.to_device(device);
             nccl.all_reduce_sum(&mut t).unwrap();
-            assert!(t.to_device(Device::Cpu).equal(&expected), "all_reduce {kind:?}");
+            assert!(
+                t.to_device(Device::Cpu).equal(&expected),
+                "all_reduce {kind:?}"
+            );
             let strided = Tensor::arange(12, (kind, device)).view([3, 4]);
             let mut strided_t = strided.transpose(0, 1);
             nccl.all_reduce_sum(&mut strided_t).unwrap();

@@ -25,7 +25,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::{Collective, CollectiveError};
 
-const _: () = assert!(cfg!(target_endian = "little"), "the ring sends host-order elements as little-endian");
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "the ring sends host-order elements as little-endian"
+);
 
 const HELLO_MAGIC: [u8; 8] = *b"BRAIDRNG";
 const PROTOCOL_VERSION: u32 = 1;
@@ -71,7 +74,13 @@ impl RingListener {
         };
         let listener = TcpListener::bind(&addr).map_err(bind_error)?;
         let endpoint = listener.local_addr().map_err(bind_error)?.to_string();
-        Ok((RingListener { listener, endpoint: endpoint.clone() }, endpoint))
+        Ok((
+            RingListener {
+                listener,
+                endpoint: endpoint.clone(),
+            },
+            endpoint,
+        ))
     }
 
     /// The endpoint peers dial ("ip:port").
@@ -110,9 +119,14 @@ impl RingCollective {
         session: u64,
         timeout: Duration,
     ) -> Result<RingCollective, CollectiveError> {
-        let invalid = |detail: String| CollectiveError::InvalidArgument { op: "ring connect", detail };
+        let invalid = |detail: String| CollectiveError::InvalidArgument {
+            op: "ring connect",
+            detail,
+        };
         if world_size == 0 || rank >= world_size {
-            return Err(invalid(format!("rank {rank} is not in a world of size {world_size}")));
+            return Err(invalid(format!(
+                "rank {rank} is not in a world of size {world_size}"
+            )));
         }
         if endpoints.len() != world_size {
             return Err(invalid(format!(
@@ -135,20 +149,32 @@ impl RingCollective {
             return Ok(ring);
         }
         let deadline = Instant::now() + timeout;
-        let hello = Hello { session, rank: rank as u32, world_size: world_size as u32 };
+        let hello = Hello {
+            session,
+            rank: rank as u32,
+            world_size: world_size as u32,
+        };
         let next_rank = (rank + 1) % world_size;
         let prev_rank = (rank + world_size - 1) % world_size;
         let fail = |detail: String| CollectiveError::Rendezvous { rank, detail };
 
         let next_endpoint = &endpoints[next_rank];
         let mut next = dial(next_endpoint, deadline).map_err(|e| {
-            fail(format!("cannot connect to rank {next_rank} at {next_endpoint}: {e}"))
+            fail(format!(
+                "cannot connect to rank {next_rank} at {next_endpoint}: {e}"
+            ))
         })?;
         write_before(&mut next, &hello.encode(), deadline).map_err(|e| {
-            fail(format!("sending the handshake to rank {next_rank} at {next_endpoint}: {e}"))
+            fail(format!(
+                "sending the handshake to rank {next_rank} at {next_endpoint}: {e}"
+            ))
         })?;
 
-        let expected = Hello { session, rank: prev_rank as u32, world_size: world_size as u32 };
+        let expected = Hello {
+            session,
+            rank: prev_rank as u32,
+            world_size: world_size as u32,
+        };
         let prev = accept_peer(&listener.listener, &expected, deadline).map_err(|e| {
             fail(format!(
                 "waiting for rank {prev_rank} on {}: {e}",
@@ -158,7 +184,9 @@ impl RingCollective {
 
         let mut answer = [0u8; 1];
         read_before(&mut next, &mut answer, deadline).map_err(|e| {
-            fail(format!("waiting for rank {next_rank} at {next_endpoint} to accept: {e}"))
+            fail(format!(
+                "waiting for rank {next_rank} at {next_endpoint} to accept: {e}"
+            ))
         })?;
         if answer[0] != ACCEPTED {
             return Err(fail(format!(
@@ -167,7 +195,9 @@ impl RingCollective {
             )));
         }
         for stream in [&next, &prev] {
-            stream.set_nodelay(true).map_err(|e| fail(format!("setting TCP_NODELAY: {e}")))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| fail(format!("setting TCP_NODELAY: {e}")))?;
         }
         ring.links = Some(Links { next, prev });
         Ok(ring)
@@ -182,11 +212,20 @@ impl RingCollective {
         body: impl FnOnce(&Call<'_>) -> Result<R, CollectiveError>,
     ) -> Result<R, CollectiveError> {
         if let Some(reason) = &self.broken {
-            return Err(CollectiveError::Broken { op: op.name(), reason: reason.clone() });
+            return Err(CollectiveError::Broken {
+                op: op.name(),
+                reason: reason.clone(),
+            });
         }
-        let links = self.links.as_ref().expect("a ring of several ranks has links");
+        let links = self
+            .links
+            .as_ref()
+            .expect("a ring of several ranks has links");
         self.sequence += 1;
-        let header = CallHeader { sequence: self.sequence, ..header };
+        let header = CallHeader {
+            sequence: self.sequence,
+            ..header
+        };
         let call = Call {
             op: op.name(),
             deadline: Instant::now() + self.timeout,
@@ -209,7 +248,10 @@ impl RingCollective {
         if root >= self.world_size {
             return Err(CollectiveError::InvalidArgument {
                 op: Op::Broadcast.name(),
-                detail: format!("root {root} is not a rank of a world of size {}", self.world_size),
+                detail: format!(
+                    "root {root} is not a rank of a world of size {}",
+                    self.world_size
+                ),
             });
         }
         Ok(())
@@ -350,21 +392,31 @@ impl Call<'_> {
     fn time_left(&self, peer: usize) -> Result<Duration, CollectiveError> {
         match self.deadline.checked_duration_since(Instant::now()) {
             Some(left) if !left.is_zero() => Ok(left),
-            _ => Err(CollectiveError::Timeout { op: self.op, peer: Some(peer), after: self.timeout }),
+            _ => Err(CollectiveError::Timeout {
+                op: self.op,
+                peer: Some(peer),
+                after: self.timeout,
+            }),
         }
     }
 
     fn io_error(&self, error: std::io::Error, peer: usize) -> CollectiveError {
         match error.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
-                CollectiveError::Timeout { op: self.op, peer: Some(peer), after: self.timeout }
-            }
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => CollectiveError::Timeout {
+                op: self.op,
+                peer: Some(peer),
+                after: self.timeout,
+            },
             ErrorKind::UnexpectedEof
             | ErrorKind::ConnectionReset
             | ErrorKind::ConnectionAborted
             | ErrorKind::BrokenPipe
             | ErrorKind::NotConnected => CollectiveError::PeerDisconnected { op: self.op, peer },
-            _ => CollectiveError::Io { op: self.op, peer, source: error },
+            _ => CollectiveError::Io {
+                op: self.op,
+                peer,
+                source: error,
+            },
         }
     }
 
@@ -374,7 +426,9 @@ impl Call<'_> {
         let mut stream = self.next;
         while !bytes.is_empty() {
             let left = self.time_left(peer)?;
-            stream.set_write_timeout(Some(left)).map_err(|e| self.io_error(e, peer))?;
+            stream
+                .set_write_timeout(Some(left))
+                .map_err(|e| self.io_error(e, peer))?;
             match stream.write(&bytes[..bytes.len().min(SEND_BLOCK_BYTES)]) {
                 Ok(0) => return Err(CollectiveError::PeerDisconnected { op: self.op, peer }),
                 Ok(n) => bytes = &bytes[n..],
@@ -391,7 +445,9 @@ impl Call<'_> {
         let mut stream = self.prev;
         while !buf.is_empty() {
             let left = self.time_left(peer)?;
-            stream.set_read_timeout(Some(left)).map_err(|e| self.io_error(e, peer))?;
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(|e| self.io_error(e, peer))?;
             match stream.read(buf) {
                 Ok(0) => return Err(CollectiveError::PeerDisconnected { op: self.op, peer }),
                 Ok(n) => buf = &mut buf[n..],
@@ -404,7 +460,11 @@ impl Call<'_> {
 
     /// Receives `dst.len()` elements from the previous rank and adds them into `dst`, block by
     /// block. The incoming partial sum is the left operand, so each chunk is summed in ring order.
-    fn recv_reduce<T: Element>(&self, dst: &mut [T], scratch: &mut [T]) -> Result<(), CollectiveError> {
+    fn recv_reduce<T: Element>(
+        &self,
+        dst: &mut [T],
+        scratch: &mut [T],
+    ) -> Result<(), CollectiveError> {
         for part in dst.chunks_mut(scratch.len().max(1)) {
             let incoming = &mut scratch[..part.len()];
             self.recv_exact(as_bytes_mut(incoming))?;
@@ -432,7 +492,12 @@ impl Call<'_> {
     }
 
     fn take_failure(&self) -> Result<(), CollectiveError> {
-        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        match self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -471,7 +536,11 @@ impl Call<'_> {
         })?;
         match mine.difference(&theirs) {
             None => Ok(()),
-            Some(detail) => Err(CollectiveError::Mismatch { op: self.op, peer: self.prev_rank, detail }),
+            Some(detail) => Err(CollectiveError::Mismatch {
+                op: self.op,
+                peer: self.prev_rank,
+                detail,
+            }),
         }
     }
 }
@@ -479,7 +548,10 @@ impl Call<'_> {
 fn is_retry(error: &std::io::Error) -> bool {
     // A socket timeout reports WouldBlock/TimedOut; the deadline check at the top of the loop
     // turns it into a timeout error.
-    matches!(error.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut)
+    matches!(
+        error.kind(),
+        ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut
+    )
 }
 
 /// Element range of chunk `c` when `n` elements are split into `parts` near-equal chunks.
@@ -588,7 +660,8 @@ fn ring_broadcast(
 /// Connects to `endpoint`, retrying refused connections until the deadline.
 fn dial(endpoint: &str, deadline: Instant) -> std::io::Result<TcpStream> {
     let addrs: Vec<SocketAddr> = endpoint.to_socket_addrs()?.collect();
-    let mut last_error = std::io::Error::new(ErrorKind::NotFound, "the endpoint resolves to no address");
+    let mut last_error =
+        std::io::Error::new(ErrorKind::NotFound, "the endpoint resolves to no address");
     loop {
         for addr in &addrs {
             let Some(left) = remaining(deadline) else {
@@ -607,7 +680,11 @@ fn dial(endpoint: &str, deadline: Instant) -> std::io::Result<TcpStream> {
 }
 
 /// Accepts connections until one presents `expected`; refuses the others with a reason code.
-fn accept_peer(listener: &TcpListener, expected: &Hello, deadline: Instant) -> std::io::Result<TcpStream> {
+fn accept_peer(
+    listener: &TcpListener,
+    expected: &Hello,
+    deadline: Instant,
+) -> std::io::Result<TcpStream> {
     listener.set_nonblocking(true)?;
     let mut refused: Option<String> = None;
     loop {
@@ -622,7 +699,8 @@ fn accept_peer(listener: &TcpListener, expected: &Hello, deadline: Instant) -> s
                     refused = Some(format!("{from} sent no handshake"));
                     continue;
                 }
-                let verdict = Hello::decode(&buf).map_or(REFUSED_MAGIC, |hello| expected.verdict(&hello));
+                let verdict =
+                    Hello::decode(&buf).map_or(REFUSED_MAGIC, |hello| expected.verdict(&hello));
                 // The refused peer learns why; a failed write only means it is already gone.
                 let _ = write_before(&mut stream, &[verdict], deadline);
                 if verdict == ACCEPTED {
@@ -646,14 +724,20 @@ fn accept_peer(listener: &TcpListener, expected: &Hello, deadline: Instant) -> s
 }
 
 fn remaining(deadline: Instant) -> Option<Duration> {
-    deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
 }
 
 fn timed_out() -> std::io::Error {
     std::io::Error::new(ErrorKind::TimedOut, "deadline passed")
 }
 
-fn read_before(stream: &mut TcpStream, mut buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+fn read_before(
+    stream: &mut TcpStream,
+    mut buf: &mut [u8],
+    deadline: Instant,
+) -> std::io::Result<()> {
     while !buf.is_empty() {
         stream.set_read_timeout(Some(remaining(deadline).ok_or_else(timed_out)?))?;
         match stream.read(buf) {
@@ -750,7 +834,9 @@ impl Op {
     }
 
     fn from_code(code: u8) -> Option<Op> {
-        [Op::AllReduceSum, Op::AllGather, Op::Broadcast].into_iter().find(|op| *op as u8 == code)
+        [Op::AllReduceSum, Op::AllGather, Op::Broadcast]
+            .into_iter()
+            .find(|op| *op as u8 == code)
     }
 }
 
@@ -809,7 +895,10 @@ impl CallHeader {
     }
 
     fn encode(&self) -> [u8; HEADER_LEN] {
-        let kind_code = KINDS.iter().position(|k| *k == self.kind).expect("every kind is listed");
+        let kind_code = KINDS
+            .iter()
+            .position(|k| *k == self.kind)
+            .expect("every kind is listed");
         let mut buf = [0u8; HEADER_LEN];
         buf[..4].copy_from_slice(&CALL_MAGIC.to_le_bytes());
         buf[4] = self.op as u8;
@@ -848,10 +937,16 @@ impl CallHeader {
             differences.push(format!("it called {}", theirs.op.name()));
         }
         if theirs.kind != self.kind {
-            differences.push(format!("its dtype is {:?}, here {:?}", theirs.kind, self.kind));
+            differences.push(format!(
+                "its dtype is {:?}, here {:?}",
+                theirs.kind, self.kind
+            ));
         }
         if theirs.numel != self.numel {
-            differences.push(format!("it has {} elements, here {}", theirs.numel, self.numel));
+            differences.push(format!(
+                "it has {} elements, here {}",
+                theirs.numel, self.numel
+            ));
         } else if theirs.shape_hash != self.shape_hash {
             differences.push("its shape differs".to_string());
         }
@@ -863,7 +958,10 @@ impl CallHeader {
 }
 
 /// Element types the ring sums: plain floats, valid for any bit pattern.
-trait Element: tch::kind::Element + Copy + Default + Send + Sync + std::ops::Add<Output = Self> {}
+trait Element:
+    tch::kind::Element + Copy + Default + Send + Sync + std::ops::Add<Output = Self>
+{
+}
 
 impl Element for f32 {}
 
@@ -963,18 +1061,36 @@ mod tests {
 
     #[test]
     fn hello_and_header_round_trip() {
-        let hello = Hello { session: 42, rank: 3, world_size: 5 };
+        let hello = Hello {
+            session: 42,
+            rank: 3,
+            world_size: 5,
+        };
         assert_eq!(Hello::decode(&hello.encode()), Some(hello));
-        assert_eq!(hello.verdict(&Hello { session: 41, ..hello }), REFUSED_SESSION);
+        assert_eq!(
+            hello.verdict(&Hello {
+                session: 41,
+                ..hello
+            }),
+            REFUSED_SESSION
+        );
         assert_eq!(hello.verdict(&Hello { rank: 2, ..hello }), REFUSED_RANK);
         assert_eq!(hello.verdict(&hello), ACCEPTED);
 
         let t = Tensor::zeros([3, 4], (Kind::BFloat16, Device::Cpu));
-        let header = CallHeader { sequence: 7, ..CallHeader::new(Op::Broadcast, &t, 2).unwrap() };
+        let header = CallHeader {
+            sequence: 7,
+            ..CallHeader::new(Op::Broadcast, &t, 2).unwrap()
+        };
         assert_eq!(CallHeader::decode(&header.encode()), Some(header));
         assert_eq!(header.difference(&header), None);
         let other = CallHeader::new(Op::Broadcast, &t.view([4, 3]), 1).unwrap();
-        let detail = header.difference(&CallHeader { sequence: 7, ..other }).unwrap();
+        let detail = header
+            .difference(&CallHeader {
+                sequence: 7,
+                ..other
+            })
+            .unwrap();
         assert_eq!(detail, "its shape differs; its root is 1, here 2");
     }
 
