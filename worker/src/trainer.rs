@@ -104,6 +104,15 @@ pub struct ClipTrainer {
     max_micro_batch: usize,
 }
 
+/// Runs `f` with libtorch's global generator seeded with `seed`, holding a lock so that
+/// concurrent callers (ranks as threads in tests, the evaluator) cannot interleave draws.
+pub fn seeded<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed as i64);
+    f()
+}
+
 /// Builds the CLIP shape a job asks for.
 pub fn clip_config(config: &JobConfig, vocab_size: i64) -> Result<ClipConfig, ModelError> {
     let activation = if config.model.quick_gelu { Activation::QuickGelu } else { Activation::Gelu };
@@ -114,9 +123,8 @@ impl ClipTrainer {
     /// A freshly initialised model (seeded by the job seed, so every rank starts identical).
     pub fn new(config: &JobConfig, clip: ClipConfig, device: Device) -> Result<Self, TrainError> {
         let precision = Precision::parse(&config.train.precision).expect("validated precision");
-        tch::manual_seed(config.job.seed as i64);
         let mut vs = nn::VarStore::new(device);
-        let mut model = Clip::new(&vs.root(), clip);
+        let mut model = seeded(config.job.seed, || Clip::new(&vs.root(), clip));
         if precision == Precision::Fp64 {
             vs.double();
         }
@@ -176,6 +184,18 @@ impl ClipTrainer {
     /// `rank_batch` is padded by the caller to `slot` samples (every rank gathers the same
     /// shape); padding rows are marked invalid.
     pub fn train_step(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<StepStats, TrainError> {
+        let (loss, samples) = self.compute_gradients(batch, coll)?;
+        let grad_norm = clip_grad_norm(&self.optimizer.grads(), self.grad_clip);
+        let lr = cosine_lr(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr);
+        self.optimizer.step(lr);
+        self.model.clamp_logit_scale();
+        Ok(StepStats { loss, grad_norm, lr, logit_scale: self.model.logit_scale.exp().double_value(&[]), samples })
+    }
+
+    /// Forward and backward of this rank's batch with the gradients summed over ranks: after
+    /// it every rank holds the gradient of the global-batch loss. Returns that loss and the
+    /// number of valid samples in the global batch.
+    pub fn compute_gradients(&mut self, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<(f64, u64), TrainError> {
         self.optimizer.zero_grad();
         let rank = coll.rank() as i64;
         let slot = batch.len() as i64;
@@ -224,17 +244,13 @@ impl ClipTrainer {
         grads.push(loss_share);
         all_reduce_buckets(coll, &mut grads, BUCKET_BYTES)?;
         let global_loss = grads.pop().expect("loss share").double_value(&[0]);
-        let grad_norm = clip_grad_norm(&grads, self.grad_clip);
-        let lr = cosine_lr(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr);
-        self.optimizer.step(lr);
-        self.model.clamp_logit_scale();
-        Ok(StepStats {
-            loss: global_loss,
-            grad_norm,
-            lr,
-            logit_scale: self.model.logit_scale.exp().double_value(&[]),
-            samples: valid_all.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as u64,
-        })
+        let samples = valid_all.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as u64;
+        Ok((global_loss, samples))
+    }
+
+    /// The parameters' current gradients by name.
+    pub fn named_grads(&self) -> Vec<(String, Tensor)> {
+        self.optimizer.params().map(|(n, p)| (n.to_string(), p.grad())).collect()
     }
 
     fn encode_in_chunks(&self, batch: &DeviceBatch, micro: usize) -> (Tensor, Tensor) {
