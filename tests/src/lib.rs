@@ -1,8 +1,16 @@
 //! Helpers shared by the end-to-end tests: the workspace root, the venv's Python, the built
-//! `braid` binary.
+//! `braid` binary, synthetic datasets, job files, `braid` runs with their `--json` summaries,
+//! and committed checkpoints read back as tensors.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
 
 /// The workspace's root folder.
 pub fn workspace_root() -> PathBuf {
@@ -28,4 +36,320 @@ pub fn braid_bin() -> PathBuf {
     let bin = profile_dir.join("braid");
     assert!(bin.exists(), "{} is missing: build it with `cargo build --release --bins` first", bin.display());
     bin
+}
+
+
+/// A synthetic image-caption WebDataset written by `braid data synth`.
+#[derive(Debug, Clone)]
+pub struct SynthData {
+    /// The folder `braid data synth` wrote.
+    pub dir: PathBuf,
+}
+
+impl SynthData {
+    /// `train/manifest.json`.
+    pub fn train_manifest(&self) -> PathBuf {
+        self.dir.join("train/manifest.json")
+    }
+
+    /// `eval/manifest.json`.
+    pub fn eval_manifest(&self) -> PathBuf {
+        self.dir.join("eval/manifest.json")
+    }
+
+    /// `tokenizer.json`.
+    pub fn tokenizer(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+}
+
+/// Writes a synthetic dataset (32x32 PNGs, seed 0) into `dir` with `braid data synth`.
+pub fn synth_data(dir: &Path, train_samples: usize, eval_samples: usize, samples_per_shard: usize) -> SynthData {
+    let out = braid(
+        [
+            OsStr::new("data"),
+            OsStr::new("synth"),
+            dir.as_os_str(),
+            OsStr::new("--train-samples"),
+            OsStr::new(&train_samples.to_string()),
+            OsStr::new("--eval-samples"),
+            OsStr::new(&eval_samples.to_string()),
+            OsStr::new("--samples-per-shard"),
+            OsStr::new(&samples_per_shard.to_string()),
+            OsStr::new("--image-size"),
+            OsStr::new("32"),
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "braid data synth failed:\n{}", out.text());
+    SynthData { dir: dir.to_path_buf() }
+}
+
+/// A job file for CLIP-tiny on a synthetic dataset, one CPU thread per worker; the fields are
+/// the keys the tests vary, the rest keep braid's defaults.
+#[derive(Debug, Clone)]
+pub struct JobFile {
+    /// `job.name`.
+    pub name: String,
+    /// `job.seed`.
+    pub seed: u64,
+    /// `data.train`.
+    pub train: PathBuf,
+    /// `data.eval`.
+    pub eval: Option<PathBuf>,
+    /// `data.tokenizer`.
+    pub tokenizer: PathBuf,
+    /// `data.max_corrupt_samples`.
+    pub max_corrupt_samples: u64,
+    /// `train.global_batch`.
+    pub global_batch: usize,
+    /// `train.steps`.
+    pub steps: u64,
+    /// `train.lr`.
+    pub lr: f64,
+    /// `train.warmup_steps`.
+    pub warmup_steps: u64,
+    /// `train.weight_decay`.
+    pub weight_decay: f64,
+    /// `train.precision`.
+    pub precision: String,
+    /// `cluster.min_workers` and `cluster.max_workers`.
+    pub workers: usize,
+    /// `checkpoint.url`.
+    pub checkpoint: Option<PathBuf>,
+    /// `checkpoint.every_steps`.
+    pub every_steps: u64,
+    /// `checkpoint.keep`.
+    pub keep: usize,
+    /// `checkpoint.resume`.
+    pub resume: bool,
+}
+
+impl JobFile {
+    /// A job named `name` on `data`'s training split: global batch 32, 20 steps, lr 1e-3,
+    /// warmup 5, weight decay 0.1, fp32, one worker, no checkpoints, no held-out evaluation.
+    pub fn new(name: &str, data: &SynthData) -> Self {
+        Self {
+            name: name.to_string(),
+            seed: 0,
+            train: data.train_manifest(),
+            eval: None,
+            tokenizer: data.tokenizer(),
+            max_corrupt_samples: 100,
+            global_batch: 32,
+            steps: 20,
+            lr: 1e-3,
+            warmup_steps: 5,
+            weight_decay: 0.1,
+            precision: "fp32".into(),
+            workers: 1,
+            checkpoint: None,
+            every_steps: 0,
+            keep: 3,
+            resume: false,
+        }
+    }
+
+    /// The job file's text.
+    pub fn to_toml(&self) -> String {
+        let path = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut t = String::new();
+        let _ = writeln!(t, "[job]\nname = {:?}\nseed = {}\n", self.name, self.seed);
+        let _ = writeln!(t, "[model]\nfamily = \"clip\"\npreset = \"tiny\"\n");
+        let _ = writeln!(t, "[data]\ntrain = {}\ntokenizer = {}", path(&self.train), path(&self.tokenizer));
+        if let Some(eval) = &self.eval {
+            let _ = writeln!(t, "eval = {}", path(eval));
+        }
+        let _ = writeln!(t, "decode_threads = 1\nmax_corrupt_samples = {}\n", self.max_corrupt_samples);
+        let _ = writeln!(
+            t,
+            "[train]\nglobal_batch = {}\nsteps = {}\nlr = {:?}\nwarmup_steps = {}\nweight_decay = {:?}\nprecision = {:?}\nthreads = 1\n",
+            self.global_batch, self.steps, self.lr, self.warmup_steps, self.weight_decay, self.precision
+        );
+        let _ = writeln!(t, "[cluster]\nmin_workers = {0}\nmax_workers = {0}\n", self.workers);
+        if let Some(url) = &self.checkpoint {
+            let _ = writeln!(
+                t,
+                "[checkpoint]\nurl = {}\nevery_steps = {}\nkeep = {}\nresume = {}",
+                path(url),
+                self.every_steps,
+                self.keep,
+                self.resume
+            );
+        }
+        t
+    }
+
+    /// Writes the job file to `path` and returns `path`.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.to_toml()).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path.to_path_buf()
+    }
+}
+
+/// What a finished `braid` process printed and how it exited.
+#[derive(Debug)]
+pub struct BraidOutput {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything it printed on stdout.
+    pub stdout: String,
+    /// Everything it printed on stderr.
+    pub stderr: String,
+    /// Wall time from start to exit.
+    pub elapsed: Duration,
+}
+
+impl BraidOutput {
+    /// Stdout and stderr together, for assertions on messages and for panic messages.
+    pub fn text(&self) -> String {
+        format!("--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr)
+    }
+
+    /// The `--json` summary of `braid run` (its stdout as JSON).
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("braid's stdout is not a JSON summary ({e}):\n{}", self.text()))
+    }
+}
+
+/// Runs the `braid` binary with `args`; kills it and panics if it runs longer than `timeout`.
+pub fn braid<I, S>(args: I, timeout: Duration) -> BraidOutput
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut command = Command::new(braid_bin());
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let shown = format!("{command:?}");
+    let started = Instant::now();
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {shown}: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                text = String::from_utf8_lossy(&bytes).into_owned();
+            }
+            text
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for braid") {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (out, err) = (stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());
+            panic!("{shown} still running after {timeout:?}; killed it\n--- stdout\n{out}\n--- stderr\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let elapsed = started.elapsed();
+    BraidOutput { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default(), elapsed }
+}
+
+/// `braid run JOB --workers N --json --log-dir LOG_DIR`, bounded by `timeout`.
+pub fn braid_run(job: &Path, workers: usize, log_dir: &Path, timeout: Duration) -> BraidOutput {
+    braid(
+        [
+            OsStr::new("run"),
+            job.as_os_str(),
+            OsStr::new("--workers"),
+            OsStr::new(&workers.to_string()),
+            OsStr::new("--json"),
+            OsStr::new("--log-dir"),
+            log_dir.as_os_str(),
+        ],
+        timeout,
+    )
+}
+
+/// Every `*.log` file in `dir`, concatenated in name order (the workers' logs of `braid run`).
+pub fn read_logs(dir: &Path) -> String {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    paths.sort();
+    paths.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect::<Vec<_>>().join("\n")
+}
+
+/// A child process that is killed when this value is dropped (a coordinator started by a test).
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
+}
+
+/// Copies the folder `from` to `to`, recursively.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("creating {}: {e}", to.display()));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("reading {}: {e}", from.display())) {
+        let entry = entry.expect("directory entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .unwrap_or_else(|e| panic!("copying {} to {}: {e}", entry.path().display(), target.display()));
+        }
+    }
+}
+
+/// The manifest path (relative to the checkpoint root) that `<root>/latest` points at.
+pub fn latest_manifest(root: &Path) -> String {
+    let latest = root.join("latest");
+    std::fs::read_to_string(&latest).unwrap_or_else(|e| panic!("reading {}: {e}", latest.display())).trim().to_string()
+}
+
+/// Every tensor of the checkpoint whose manifest is `manifest` (relative to `root`), by name:
+/// `model.<param>`, `optim.<name>` and `train.step` from all parts.
+pub fn read_checkpoint(root: &Path, manifest: &str) -> BTreeMap<String, Tensor> {
+    let path = root.join(manifest);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let json: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let parts = json["parts"].as_array().unwrap_or_else(|| panic!("{} has no parts", path.display()));
+    let mut tensors = BTreeMap::new();
+    for part in parts {
+        let part_path = root.join(part["path"].as_str().expect("a part's path"));
+        let read = Tensor::read_safetensors(&part_path).unwrap_or_else(|e| panic!("reading {}: {e}", part_path.display()));
+        tensors.extend(read);
+    }
+    assert!(!tensors.is_empty(), "{} holds no tensors", path.display());
+    tensors
+}
+
+/// The checkpoint `<root>/latest` points at; see [`read_checkpoint`].
+pub fn read_latest_checkpoint(root: &Path) -> BTreeMap<String, Tensor> {
+    read_checkpoint(root, &latest_manifest(root))
+}
+
+/// The tensors whose names start with `prefix` (`"model."`, `"optim."`).
+pub fn with_prefix<'a>(tensors: &'a BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<&'a str, &'a Tensor> {
+    tensors.iter().filter(|(name, _)| name.starts_with(prefix)).map(|(name, t)| (name.as_str(), t)).collect()
+}
+
+/// `max |a - b| / max(max |a|, 1e-30)`, in double precision.
+pub fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "tensors of different shapes");
+    let (a, b) = (a.to_kind(tch::Kind::Double), b.to_kind(tch::Kind::Double));
+    let diff = (&a - &b).abs().max().double_value(&[]);
+    let scale = a.abs().max().double_value(&[]).max(1e-30);
+    diff / scale
 }

@@ -34,6 +34,8 @@ pub struct BenchOptions {
     pub vocab_size: i64,
     /// Peak dense TFLOP/s of the device for MFU; none leaves MFU out.
     pub peak_tflops: Option<f64>,
+    /// Record the loss of every timed step.
+    pub record_losses: bool,
 }
 
 /// Measured throughput.
@@ -65,9 +67,12 @@ pub struct BenchReport {
     pub mfu: Option<f64>,
     /// Peak device memory in bytes (CUDA only).
     pub peak_memory_bytes: Option<u64>,
+    /// Loss of every timed step, when asked for (to compare precisions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub losses: Option<Vec<f64>>,
 }
 
-fn bench_config(options: &BenchOptions) -> JobConfig {
+fn bench_config(options: &BenchOptions) -> Result<JobConfig, TrainError> {
     let text = format!(
         "[job]\nname = \"bench\"\n[model]\nfamily = \"{}\"\npreset = \"{}\"\n[data]\ntrain = \"unused\"\n\
          [train]\nglobal_batch = {}\nsteps = {}\nprecision = \"{}\"\nwarmup_steps = 1\n",
@@ -77,7 +82,8 @@ fn bench_config(options: &BenchOptions) -> JobConfig {
         options.steps + options.warmup,
         options.precision
     );
-    JobConfig::parse(&text, "bench").expect("bench config is valid")
+    let config = JobConfig::parse(&text, "bench").and_then(|c| c.validate("bench options").map(|()| c));
+    config.map_err(|e| TrainError::State { origin: "bench options".into(), reason: e.to_string() })
 }
 
 /// Runs the benchmark.
@@ -85,7 +91,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     if options.threads > 0 {
         tch::set_num_threads(options.threads as i32);
     }
-    let config = bench_config(options);
+    let config = bench_config(options)?;
     let clip = clip_config(&config, options.vocab_size)?;
     let mut trainer = ClipTrainer::new(&config, clip, options.device)?;
     let (listener, _) = RingListener::bind("127.0.0.1:0")?;
@@ -112,11 +118,13 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     }
     sync();
     let mut times = Vec::with_capacity(options.steps);
+    let mut losses = Vec::with_capacity(options.steps);
     for step in 0..options.steps {
         let t0 = Instant::now();
-        trainer.train_step((options.warmup + step) as u64, &batch, &mut coll)?;
+        let stats = trainer.train_step((options.warmup + step) as u64, &batch, &mut coll)?;
         sync();
         times.push(t0.elapsed().as_secs_f64());
+        losses.push(stats.loss);
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
@@ -136,6 +144,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         tflops,
         mfu: options.peak_tflops.map(|peak| tflops / peak),
         peak_memory_bytes: None,
+        losses: options.record_losses.then_some(losses),
     })
 }
 

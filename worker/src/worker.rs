@@ -11,7 +11,7 @@ use braid_proto::{CheckpointPart, CheckpointVote, RendezvousState, StepReport};
 use tch::Device;
 
 use crate::checkpoint::CheckpointStore;
-use crate::collective::{RingCollective, RingListener};
+use crate::collective::{connect_collective, Engine, NcclUniqueId, Rendezvous, RingListener};
 use crate::data::loader::{CorruptSample, Loader, LoaderOptions};
 use crate::data::{store, tokenizer};
 use crate::trainer::{clip_config, ClipTrainer, DeviceBatch};
@@ -151,7 +151,12 @@ fn train(
     };
     let (generation, rank, world_size) = (rendezvous.generation, rendezvous.rank as usize, rendezvous.world_size as usize);
     let timeout = Duration::from_secs_f64(config.cluster.collective_timeout_s);
-    let mut coll = RingCollective::connect(listener, rank, world_size, &rendezvous.endpoints, generation, timeout)?;
+    let material = match Engine::for_device(device) {
+        Engine::Ring => Rendezvous::Ring { listener, endpoints: rendezvous.endpoints.clone(), session: generation },
+        Engine::Nccl => Rendezvous::Nccl { id: nccl_bootstrap(runtime, client, &endpoint, generation, rank, rendezvous.bootstrap)? },
+    };
+    let mut coll = connect_collective(device, rank, world_size, material, timeout)?;
+    tracing::info!(rank, world_size, generation, engine = coll.engine(), "collective connected");
     let plan_reply = runtime.block_on(client.data_plan(generation))?;
     tracing::info!(rank, world_size, generation, start_step = plan_reply.start_step, "rendezvous complete");
 
@@ -201,7 +206,7 @@ fn train(
         let started = Instant::now();
         let batch = loader.next_batch()?;
         let device_batch = DeviceBatch::from_batch(&batch, slot, clip.vision.image_size, device, trainer.compute_kind());
-        let stats = trainer.train_step(step, &device_batch, &mut coll)?;
+        let stats = trainer.train_step(step, &device_batch, coll.as_mut())?;
         step_now.store(step, Ordering::Relaxed);
         if rank == 0 && (step % config.telemetry.log_every_steps.max(1) == 0 || step + 1 == plan_reply.total_steps) {
             tracing::info!(step, loss = stats.loss, lr = stats.lr, grad_norm = stats.grad_norm, logit_scale = stats.logit_scale, "step");
@@ -255,6 +260,32 @@ fn wait_for_job_end(runtime: &tokio::runtime::Runtime, client: &CoordinatorClien
         std::thread::sleep(Duration::from_millis(100));
     }
     Err(WorkerError::Protocol("the coordinator did not mark the job finished after the last step".into()))
+}
+
+/// Rank 0 creates this generation's NCCL id and publishes it; the others poll the rendezvous
+/// until it is there.
+fn nccl_bootstrap(
+    runtime: &tokio::runtime::Runtime,
+    client: &CoordinatorClient,
+    endpoint: &str,
+    generation: u64,
+    rank: usize,
+    mut bootstrap: Vec<u8>,
+) -> Result<NcclUniqueId, WorkerError> {
+    if rank == 0 {
+        let id = NcclUniqueId::new()?;
+        runtime.block_on(client.publish_bootstrap(generation, id.as_bytes().to_vec()))?;
+        return Ok(id);
+    }
+    while bootstrap.is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+        let reply = runtime.block_on(client.rendezvous(endpoint))?;
+        if reply.generation != generation {
+            return Err(WorkerError::Protocol(format!("generation {generation} ended before rank 0 published its NCCL id")));
+        }
+        bootstrap = reply.bootstrap;
+    }
+    Ok(NcclUniqueId::from_bytes(&bootstrap)?)
 }
 
 fn port_of(addr: &str) -> &str {

@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// Peak dense TFLOP/s of the device, for MFU (default on CUDA: 989, an H100/H200 SXM in bf16).
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// Record every timed step's loss in the JSON output.
+    #[arg(long)]
+    losses: bool,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -62,6 +65,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         precision: args.precision,
         vocab_size: args.vocab_size,
         peak_tflops,
+        record_losses: args.losses,
     })?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

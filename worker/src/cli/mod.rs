@@ -35,6 +35,15 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Measure training-step throughput of a model preset on synthetic tensors.
     Bench(bench::BenchArgs),
+    /// Check what GPU workers rely on: CUDA in libtorch, NCCL, one-rank collectives.
+    CheckDevice {
+        /// CUDA device to check.
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a job file and print every problem found.
     Validate {
         /// The job file.
@@ -54,6 +63,18 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Data(cmd) => data::dispatch(cmd),
         Command::Eval(args) => eval::eval(args),
         Command::Bench(args) => bench::bench(args),
+        Command::CheckDevice { device, json } => {
+            let device = braid::worker::parse_device(&device).ok_or_else(|| anyhow::anyhow!("--device {device:?}: use cuda or cuda:N"))?;
+            let checks = braid::devicecheck::run(device);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                for c in &checks {
+                    println!("{} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+                }
+            }
+            Ok(if checks.iter().all(|c| c.ok) { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Validate { job, json } => {
             let config = load_job(&job)?;
             if json {
