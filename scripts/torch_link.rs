@@ -3,7 +3,8 @@
 // list, otherwise `Cuda::is_available()` is false on GPU machines; the rpath lets the binary
 // find the venv's torch libraries without LD_LIBRARY_PATH.
 
-fn main() {
+/// Emits the link arguments and returns libtorch's root folder (holding include/ and lib/).
+fn link_libtorch() -> std::path::PathBuf {
     println!("cargo:rerun-if-env-changed=BRAID_VENV_PYTHON");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let lib_dir = match std::env::var("LIBTORCH") {
@@ -22,4 +23,5 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
+    lib_dir.parent().expect("libtorch's lib/ has a parent").to_path_buf()
 }

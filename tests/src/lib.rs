@@ -38,7 +38,6 @@ pub fn braid_bin() -> PathBuf {
     bin
 }
 
-
 /// A synthetic image-caption WebDataset written by `braid data synth`.
 #[derive(Debug, Clone)]
 pub struct SynthData {
@@ -250,7 +249,12 @@ where
         std::thread::sleep(Duration::from_millis(50));
     };
     let elapsed = started.elapsed();
-    BraidOutput { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default(), elapsed }
+    BraidOutput {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+        elapsed,
+    }
 }
 
 /// `braid run JOB --workers N --json --log-dir LOG_DIR`, bounded by `timeout`.
@@ -328,7 +332,8 @@ pub fn read_checkpoint(root: &Path, manifest: &str) -> BTreeMap<String, Tensor> 
     let mut tensors = BTreeMap::new();
     for part in parts {
         let part_path = root.join(part["path"].as_str().expect("a part's path"));
-        let read = Tensor::read_safetensors(&part_path).unwrap_or_else(|e| panic!("reading {}: {e}", part_path.display()));
+        let read =
+            Tensor::read_safetensors(&part_path).unwrap_or_else(|e| panic!("reading {}: {e}", part_path.display()));
         tensors.extend(read);
     }
     assert!(!tensors.is_empty(), "{} holds no tensors", path.display());

@@ -67,7 +67,13 @@ async fn protocol_version_mismatch_is_refused() {
     let log = std::fs::File::create(&log_path).unwrap();
     let _coordinator = KillOnDrop(
         Command::new(braid_bin())
-            .args([OsStr::new("coordinator"), OsStr::new("--job"), job.as_os_str(), OsStr::new("--listen"), OsStr::new(&address)])
+            .args([
+                OsStr::new("coordinator"),
+                OsStr::new("--job"),
+                job.as_os_str(),
+                OsStr::new("--listen"),
+                OsStr::new(&address),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

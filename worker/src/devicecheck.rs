@@ -85,7 +85,7 @@ fn all_reduce(coll: &mut NcclCollective, device: Device, kind: Kind) -> Result<S
 }
 
 fn all_gather(coll: &mut NcclCollective, device: Device, kind: Kind) -> Result<String, String> {
-    let cpu = sample(kind, 4099, 2).view([17, 241]);
+    let cpu = sample(kind, 4097, 2).view([17, 241]);
     let gathered = coll.all_gather(&cpu.to_device(device)).map_err(|e| e.to_string())?;
     same(&gathered, &cpu, "gather over one rank")
 }

@@ -7,6 +7,7 @@ pub mod data;
 pub mod devicecheck;
 pub mod eval;
 pub mod models;
+pub mod multi_tensor;
 pub mod objectives;
 pub mod optim;
 pub mod trainer;

@@ -3,6 +3,8 @@
 
 use tch::{Kind, Tensor};
 
+use crate::multi_tensor::{self, AdamWStep, KernelError};
+
 /// AdamW hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -26,12 +28,15 @@ struct Slot {
     exp_avg_sq: Tensor,
 }
 
-/// AdamW with decoupled weight decay (Loshchilov & Hutter), the update of `torch.optim.AdamW`.
+/// AdamW with decoupled weight decay (Loshchilov & Hutter): `torch.optim.AdamW`'s update,
+/// run by libtorch's fused multi-tensor kernel over the decayed and the undecayed group.
 #[derive(Debug)]
 pub struct AdamW {
     slots: Vec<Slot>,
     config: AdamWConfig,
     step: u64,
+    /// The step number as a float32 scalar on the parameters' device (the fused kernel reads it).
+    step_tensor: Tensor,
 }
 
 /// Whether a parameter gets weight decay: not norms, biases, embeddings or the logit scale.
@@ -43,6 +48,7 @@ impl AdamW {
     /// An optimizer over named parameters (sorted by name for a stable order on every rank).
     pub fn new(mut params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
         params.sort_by(|a, b| a.0.cmp(&b.0));
+        let device = params.first().map(|(_, p)| p.device()).unwrap_or(tch::Device::Cpu);
         let slots = params
             .into_iter()
             .map(|(name, param)| Slot {
@@ -54,7 +60,7 @@ impl AdamW {
             })
             .collect::<Vec<Slot>>();
         materialize_grads(slots.iter().map(|s| &s.param));
-        Self { slots, config, step: 0 }
+        Self { slots, config, step: 0, step_tensor: Tensor::zeros([], (Kind::Float, device)) }
     }
 
     /// Steps taken so far.
@@ -78,36 +84,37 @@ impl AdamW {
     }
 
     /// Clears every gradient.
-    pub fn zero_grad(&mut self) {
-        for s in &mut self.slots {
-            s.param.zero_grad();
-        }
+    pub fn zero_grad(&mut self) -> Result<(), KernelError> {
+        multi_tensor::zero(&self.grads())
     }
 
     /// One AdamW update at learning rate `lr`.
-    pub fn step(&mut self, lr: f64) {
+    pub fn step(&mut self, lr: f64) -> Result<(), KernelError> {
         self.step += 1;
+        let _ = self.step_tensor.fill_(self.step as f64);
         let c = self.config;
-        let bias1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bias2 = 1.0 - c.beta2.powi(self.step as i32);
-        tch::no_grad(|| {
-            for s in &mut self.slots {
-                let grad = s.param.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                if s.decay && c.weight_decay > 0.0 {
-                    let _ = s.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                }
-                let _ = s.exp_avg.lerp_(&grad, 1.0 - c.beta1);
-                let _ = s.exp_avg_sq.lerp_(&grad.square(), 1.0 - c.beta2);
-                // param -= lr / bias1 * exp_avg / (sqrt(exp_avg_sq / bias2) + eps), with the
-                // step size folded into the denominator so no further temporary is needed.
-                let mut denom = s.exp_avg_sq.sqrt();
-                let _ = denom.g_div_scalar_(bias2.sqrt()).g_add_scalar_(c.eps).g_mul_scalar_(-bias1 / lr);
-                let _ = s.param.addcdiv_(&s.exp_avg, &denom);
-            }
-        });
+        for decay in [true, false] {
+            let group: Vec<&Slot> = self.slots.iter().filter(|s| s.decay == decay).collect();
+            let pick = |f: fn(&Slot) -> Tensor| group.iter().map(|s| f(s)).collect::<Vec<Tensor>>();
+            let hyper = AdamWStep {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                weight_decay: if decay { c.weight_decay } else { 0.0 },
+                eps: c.eps,
+            };
+            tch::no_grad(|| {
+                multi_tensor::fused_adamw(
+                    &pick(|s| s.param.shallow_clone()),
+                    &pick(|s| s.param.grad()),
+                    &pick(|s| s.exp_avg.shallow_clone()),
+                    &pick(|s| s.exp_avg_sq.shallow_clone()),
+                    &self.step_tensor,
+                    hyper,
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// The optimizer state as named tensors: `exp_avg.<param>`, `exp_avg_sq.<param>`, `step`.
@@ -161,24 +168,8 @@ pub fn cosine_lr(step: u64, total: u64, warmup: u64, peak: f64, min_lr: f64) -> 
 
 /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before
 /// clipping. `max_norm <= 0` only measures.
-pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> f64 {
-    if grads.is_empty() {
-        return 0.0;
-    }
-    let norm = tch::no_grad(|| {
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
-        let norms: Vec<f64> = Vec::try_from(Tensor::stack(&norms, 0).to_kind(Kind::Double)).expect("f64 norms");
-        norms.iter().map(|n| n * n).sum::<f64>().sqrt()
-    });
-    if max_norm > 0.0 && norm > max_norm {
-        let coef = max_norm / (norm + 1e-6);
-        tch::no_grad(|| {
-            for g in grads {
-                let _ = g.shallow_clone().g_mul_scalar_(coef);
-            }
-        });
-    }
-    norm
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<f64, KernelError> {
+    tch::no_grad(|| multi_tensor::clip_grad_norm(grads, max_norm))
 }
 
 #[cfg(test)]
@@ -216,9 +207,9 @@ mod tests {
         let (mut x, mut m, mut v) = ([1.0f64, -2.0, 0.5, 3.0], [0.0f64; 4], [0.0f64; 4]);
         for (t, g) in grads.iter().enumerate() {
             let lr = 0.01;
-            opt.zero_grad();
+            opt.zero_grad().unwrap();
             (&p * Tensor::from_slice(g).view([2, 2]).to_kind(opts.0)).sum(Kind::Double).backward();
-            opt.step(lr);
+            opt.step(lr).unwrap();
             let t = (t + 1) as i32;
             for i in 0..4 {
                 x[i] *= 1.0 - lr * c.weight_decay;

@@ -64,6 +64,9 @@ pub enum TrainError {
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A multi-tensor optimizer kernel failed.
+    #[error(transparent)]
+    Kernel(#[from] crate::multi_tensor::KernelError),
     /// A state that does not fit the model.
     #[error("state {origin}: {reason}")]
     State {
@@ -185,18 +188,25 @@ impl ClipTrainer {
     /// shape); padding rows are marked invalid.
     pub fn train_step(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<StepStats, TrainError> {
         let (loss, samples) = self.compute_gradients(batch, coll)?;
-        let grad_norm = clip_grad_norm(&self.optimizer.grads(), self.grad_clip);
-        let lr = cosine_lr(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr);
-        self.optimizer.step(lr);
-        self.model.clamp_logit_scale();
+        let (grad_norm, lr) = self.apply_update(step)?;
         Ok(StepStats { loss, grad_norm, lr, logit_scale: self.model.logit_scale.exp().double_value(&[]), samples })
+    }
+
+    /// Clips the reduced gradients, takes the AdamW step at step `step`'s learning rate and
+    /// clamps the logit scale. Returns the gradient norm before clipping and the learning rate.
+    pub fn apply_update(&mut self, step: u64) -> Result<(f64, f64), TrainError> {
+        let grad_norm = clip_grad_norm(&self.optimizer.grads(), self.grad_clip)?;
+        let lr = cosine_lr(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr);
+        self.optimizer.step(lr)?;
+        self.model.clamp_logit_scale();
+        Ok((grad_norm, lr))
     }
 
     /// Forward and backward of this rank's batch with the gradients summed over ranks: after
     /// it every rank holds the gradient of the global-batch loss. Returns that loss and the
     /// number of valid samples in the global batch.
     pub fn compute_gradients(&mut self, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<(f64, u64), TrainError> {
-        self.optimizer.zero_grad();
+        self.optimizer.zero_grad()?;
         let rank = coll.rank() as i64;
         let slot = batch.len() as i64;
         let rows: Range<i64> = rank * slot..(rank + 1) * slot;

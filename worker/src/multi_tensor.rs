@@ -1,0 +1,123 @@
+//! Safe wrappers over libtorch's multi-tensor kernels (`csrc/multi_tensor.cpp`): fused AdamW,
+//! gradient-norm clipping and zeroing over whole parameter lists, a few kernel launches per
+//! call instead of several per parameter.
+
+use std::ffi::{c_char, c_void, CStr};
+
+use tch::Tensor;
+
+/// tch's tensor handle: a pointer to a `torch::Tensor`.
+type Handle = *mut c_void;
+
+mod ffi {
+    use super::*;
+
+    extern "C" {
+        pub fn braid_fused_adamw(
+            params: *const Handle,
+            grads: *const Handle,
+            exp_avgs: *const Handle,
+            exp_avg_sqs: *const Handle,
+            step: Handle,
+            n: i64,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+        ) -> *mut c_char;
+        pub fn braid_clip_grad_norm(grads: *const Handle, n: i64, max_norm: f64, norm: *mut f64) -> *mut c_char;
+        pub fn braid_foreach_zero(tensors: *const Handle, n: i64) -> *mut c_char;
+        pub fn braid_free_error(message: *mut c_char);
+    }
+}
+
+/// An error reported by libtorch inside a multi-tensor kernel.
+#[derive(Debug, thiserror::Error)]
+#[error("libtorch {op}: {message}")]
+pub struct KernelError {
+    /// The operation.
+    pub op: &'static str,
+    /// libtorch's message.
+    pub message: String,
+}
+
+fn check(op: &'static str, message: *mut c_char) -> Result<(), KernelError> {
+    if message.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string allocated by the shim with strdup.
+    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
+    unsafe { ffi::braid_free_error(message) };
+    Err(KernelError { op, message: text })
+}
+
+fn handles(tensors: &[Tensor]) -> Vec<Handle> {
+    tensors.iter().map(|t| t.as_ptr() as Handle).collect()
+}
+
+/// Hyperparameters of one fused AdamW update.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Decoupled weight decay of this group.
+    pub weight_decay: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+}
+
+/// One AdamW update of a parameter group in place (`torch._fused_adamw_`). All lists have the
+/// same length; `step` is a float32 scalar on the parameters' device holding the step number.
+pub fn fused_adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    step: &Tensor,
+    h: AdamWStep,
+) -> Result<(), KernelError> {
+    let n = params.len();
+    assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n, "fused AdamW lists differ in length");
+    let (p, g, m, v) = (handles(params), handles(grads), handles(exp_avgs), handles(exp_avg_sqs));
+    // SAFETY: every handle points at a live tensor owned by the slices above for the whole call.
+    let message = unsafe {
+        ffi::braid_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            step.as_ptr() as Handle,
+            n as i64,
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+        )
+    };
+    check("fused AdamW", message)
+}
+
+/// The global L2 norm of `grads`; when `max_norm > 0` and the norm exceeds it, scales every
+/// gradient in place by `max_norm / (norm + 1e-6)`. Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<f64, KernelError> {
+    let g = handles(grads);
+    let mut norm = 0.0f64;
+    // SAFETY: handles point at live tensors; `norm` outlives the call.
+    let message = unsafe { ffi::braid_clip_grad_norm(g.as_ptr(), g.len() as i64, max_norm, &mut norm) };
+    check("clip grad norm", message)?;
+    Ok(norm)
+}
+
+/// Zeroes every tensor in place.
+pub fn zero(tensors: &[Tensor]) -> Result<(), KernelError> {
+    let t = handles(tensors);
+    // SAFETY: handles point at live tensors for the whole call.
+    let message = unsafe { ffi::braid_foreach_zero(t.as_ptr(), t.len() as i64) };
+    check("zero", message)
+}
