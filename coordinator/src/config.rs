@@ -159,6 +159,10 @@ pub struct ClusterSection {
     /// Bound on every collective call, in seconds. Default 60.
     #[serde(default = "default_collective_timeout")]
     pub collective_timeout_s: f64,
+    /// Gradient all-reduce bucket size in MiB (several tensors are flattened into one bucket
+    /// per collective call). Default 25.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
     /// Device of each worker: `cpu`, `cuda` (one per local GPU) or `cuda:N`. Default `cpu`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -260,6 +264,9 @@ fn default_rendezvous_grace() -> f64 {
 fn default_collective_timeout() -> f64 {
     60.0
 }
+fn default_bucket_mb() -> f64 {
+    25.0
+}
 fn default_device() -> String {
     "cpu".into()
 }
@@ -310,6 +317,7 @@ impl Default for ClusterSection {
             heartbeat_timeout_s: default_heartbeat_timeout(),
             rendezvous_grace_s: default_rendezvous_grace(),
             collective_timeout_s: default_collective_timeout(),
+            bucket_mb: default_bucket_mb(),
             device: default_device(),
         }
     }
@@ -456,6 +464,9 @@ impl JobConfig {
             if !(v > 0.0 && v.is_finite()) {
                 p.push(format!("{k} = {v}: must be a positive number of seconds"));
             }
+        }
+        if !(c.bucket_mb > 0.0 && c.bucket_mb.is_finite()) {
+            p.push(format!("cluster.bucket_mb = {}: must be a positive size in MiB", c.bucket_mb));
         }
         if c.rendezvous_grace_s < 0.0 {
             p.push(format!("cluster.rendezvous_grace_s = {}: must be >= 0", c.rendezvous_grace_s));

@@ -156,7 +156,7 @@ pub struct Progress {
     pub loss: Option<f64>,
     /// Latest learning rate reported.
     pub learning_rate: Option<f64>,
-    /// Throughput of the live generation: the sum of every rank's latest samples per second.
+    /// Throughput: global-batch samples per second of the latest step report.
     pub samples_per_second: Option<f64>,
     /// Committed checkpoints, oldest first (including the one the job resumed from).
     pub checkpoints: Vec<CommittedCheckpoint>,
@@ -249,6 +249,9 @@ pub struct Coordinator {
     finished: bool,
     failure: Option<String>,
     actions: Vec<Action>,
+    /// The latest step report of the lowest rank that reported, kept after its generation ends
+    /// so the final summary still has the last loss and throughput.
+    last_report: Option<(u32, StepStats)>,
 }
 
 fn secs(s: f64) -> Duration {
@@ -282,6 +285,7 @@ impl Coordinator {
             finished: false,
             failure: None,
             actions: Vec::new(),
+            last_report: None,
         }
     }
 
@@ -719,10 +723,16 @@ impl Coordinator {
                 total - 1
             )));
         }
+        // `samples` counts the whole global batch, so this is already the job's throughput.
         let samples_per_second = (req.step_seconds > 0.0).then(|| req.samples as f64 / req.step_seconds);
+        let rank = self.live_rank(&id, req.generation)?;
+        let stats = StepStats { loss: req.loss, learning_rate: req.learning_rate, samples_per_second };
+        if self.last_report.is_none_or(|(r, _)| rank <= r) {
+            self.last_report = Some((rank, stats));
+        }
         let w = self.workers.get_mut(&id).expect("touched worker exists");
         w.last_step = Some(req.step);
-        w.stats = Some(StepStats { loss: req.loss, learning_rate: req.learning_rate, samples_per_second });
+        w.stats = Some(stats);
         self.check_finished();
         Ok(StepReply { stop: self.is_over(), rendezvous_required: false })
     }
@@ -1013,8 +1023,11 @@ impl Coordinator {
         } else {
             ranks.iter().map(|w| w.last_step.map_or(cursor, |s| s + 1)).min().unwrap_or(cursor)
         };
-        let latest = ranks.first().and_then(|w| w.stats).or_else(|| ranks.iter().find_map(|w| w.stats));
-        let rates: Vec<f64> = ranks.iter().filter_map(|w| w.stats.and_then(|s| s.samples_per_second)).collect();
+        let latest = ranks
+            .first()
+            .and_then(|w| w.stats)
+            .or_else(|| ranks.iter().find_map(|w| w.stats))
+            .or(self.last_report.map(|(_, s)| s));
         Progress {
             job: self.config.job.name.clone(),
             generation: live.unwrap_or(0),
@@ -1024,7 +1037,7 @@ impl Coordinator {
             members,
             loss: latest.map(|s| s.loss),
             learning_rate: latest.map(|s| s.learning_rate),
-            samples_per_second: (!rates.is_empty()).then(|| rates.iter().sum()),
+            samples_per_second: latest.and_then(|s| s.samples_per_second),
             checkpoints: self.checkpoints.clone(),
             corrupt_samples: self.quarantined.len() as u64,
             finished: self.finished,

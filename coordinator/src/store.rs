@@ -63,6 +63,9 @@ pub async fn read_url(url: &str) -> Result<Bytes> {
         return Err(Error::BadUrl { url: url.to_string(), reason: "does not name a file".into() });
     };
     let name = name.to_string_lossy().into_owned();
+    if !dir.is_dir() {
+        return Err(Error::BadUrl { url: url.to_string(), reason: format!("no such folder {}", dir.display()) });
+    }
     let fs = LocalFileSystem::new_with_prefix(dir).map_err(|source| Error::Store { url: url.to_string(), source })?;
     let root = StoreRoot { store: Arc::new(fs), prefix: Path::default(), url: url.to_string() };
     root.get(&name).await?.ok_or_else(|| Error::BadUrl { url: url.to_string(), reason: "no such file".into() })

@@ -460,7 +460,8 @@ fn the_job_finishes_when_every_rank_trained_the_last_step() {
     assert!(p.finished && p.failure.is_none());
     assert_eq!(p.steps_done, 10);
     assert_eq!(p.loss, Some(1.5));
-    assert_eq!(p.samples_per_second, Some(16.0));
+    // Each rank reports the global batch's samples: the job's throughput is one rank's rate.
+    assert_eq!(p.samples_per_second, Some(8.0));
     assert!(s.beat(20.0, &ids[0]).job_finished);
     assert!(s.step(20.0, &ids[0], 1, 9).stop);
     assert_eq!(s.rdv(20.0, &ids[1]).state, RendezvousState::JobFinished as i32);

@@ -199,12 +199,13 @@ mod tests {
 
     #[test]
     fn recall_counts_the_first_relevant_candidate() {
-        // Query 0 ranks candidate 2 first (its own group), query 1 ranks its own fifth or later.
+        // Query 0 (group 0) ranks candidate 2 (group 0) first; query 1 (group 2) ranks its only
+        // relevant candidate, 1, second.
         let sim = Tensor::from_slice(&[0.1f32, 0.2, 0.9, 0.0, 0.9, 0.8, 0.7, 0.1]).view([2, 4]);
-        let r = recall_at_k(&sim, &[0, 1], &[1, 2, 0, 1]);
+        let r = recall_at_k(&sim, &[0, 2], &[1, 2, 0, 1]);
         assert_eq!(r.r1, 0.5);
         assert_eq!(r.r5, 1.0);
-        assert!((r.chance_r1 - (0.25 + 0.5) / 2.0).abs() < 1e-12);
+        assert!((r.chance_r1 - 0.25).abs() < 1e-12);
     }
 
     #[test]

@@ -18,9 +18,6 @@ use crate::models::ModelError;
 use crate::objectives::itc;
 use crate::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 
-/// Gradient bucket size for the all-reduce.
-pub const BUCKET_BYTES: usize = 25 << 20;
-
 /// Numeric precision of parameters and math.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
@@ -105,6 +102,7 @@ pub struct ClipTrainer {
     min_lr: f64,
     grad_clip: f64,
     max_micro_batch: usize,
+    bucket_bytes: usize,
 }
 
 /// Runs `f` with libtorch's global generator seeded with `seed`, holding a lock so that
@@ -154,6 +152,7 @@ impl ClipTrainer {
             min_lr: t.min_lr,
             grad_clip: t.grad_clip,
             max_micro_batch: t.max_micro_batch,
+            bucket_bytes: (config.cluster.bucket_mb * (1 << 20) as f64) as usize,
         })
     }
 
@@ -252,7 +251,7 @@ impl ClipTrainer {
         let mut grads = self.optimizer.grads();
         let loss_share = loss.detach().to_kind(grads[0].kind()).reshape([1]);
         grads.push(loss_share);
-        all_reduce_buckets(coll, &mut grads, BUCKET_BYTES)?;
+        all_reduce_buckets(coll, &mut grads, self.bucket_bytes)?;
         let global_loss = grads.pop().expect("loss share").double_value(&[0]);
         let samples = valid_all.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as u64;
         Ok((global_loss, samples))

@@ -21,7 +21,7 @@ use braid_coordinator::plan::SamplePlan;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// The coordinator refused or could not be reached.
-    #[error("coordinator: {0}")]
+    #[error(transparent)]
     Coordinator(#[from] braid_coordinator::Error),
     /// The coordinator's reply was unexpected.
     #[error("coordinator: {0}")]
@@ -44,8 +44,8 @@ pub enum WorkerError {
     /// A checkpoint could not be written or read.
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
-    /// The runtime could not start.
-    #[error("runtime: {0}")]
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime")]
     Runtime(#[from] std::io::Error),
 }
 

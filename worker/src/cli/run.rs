@@ -134,7 +134,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     config.validate(&args.job.display().to_string())?;
     if !args.json {
-        super::init_logging(false);
+        // The progress bar shows the job; only warnings and errors are logged under it.
+        super::init_logging_with(false, "warn");
     }
     let workers = config.cluster.max_workers;
     let log_dir = args.log_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&config.job.name));

@@ -275,28 +275,17 @@ impl NcclCollective {
         let mut polls = 0u32;
         loop {
             // SAFETY: the context is bound to this thread; a null handle is the legacy stream.
-            match unsafe { cuStreamQuery(std::ptr::null_mut()) } {
-                CUresult::CUDA_SUCCESS => return Ok(()),
-                CUresult::CUDA_ERROR_NOT_READY => {}
-                other => {
-                    return Err(CollectiveError::Nccl(format!(
-                        "{op}: the CUDA stream failed: {other:?}"
-                    )))
-                }
-            }
-            let mut async_error = ncclResult_t::ncclSuccess as c_int;
-            // SAFETY: a live communicator and an out-pointer.
-            let code = unsafe { (self.lib.comm_get_async_error)(self.comm.0, &mut async_error) };
-            self.lib.check(code, op)?;
-            if async_error != ncclResult_t::ncclInProgress as c_int {
-                self.lib.check(async_error, op)?;
-            }
-            if Instant::now() >= deadline {
-                return Err(CollectiveError::Timeout {
-                    op,
-                    peer: None,
-                    after: self.timeout,
-                });
+            let stream = match unsafe { cuStreamQuery(std::ptr::null_mut()) } {
+                CUresult::CUDA_SUCCESS => StreamState::Drained,
+                CUresult::CUDA_ERROR_NOT_READY => StreamState::Running,
+                other => StreamState::Failed(format!("{other:?}")),
+            };
+            let async_error = if stream == StreamState::Running { self.async_error(op)? } else { None };
+            match watchdog_verdict(Instant::now(), deadline, stream, async_error) {
+                Verdict::Done => return Ok(()),
+                Verdict::KeepWaiting => {}
+                Verdict::Failed(reason) => return Err(CollectiveError::Nccl(format!("{op}: {reason}"))),
+                Verdict::TimedOut => return Err(CollectiveError::Timeout { op, peer: None, after: self.timeout }),
             }
             polls += 1;
             if polls < 200 {
@@ -305,6 +294,18 @@ impl NcclCollective {
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
+    }
+
+    /// The communicator's asynchronous error, if it has one.
+    fn async_error(&self, op: &'static str) -> Result<Option<String>, CollectiveError> {
+        let mut async_error = ncclResult_t::ncclSuccess as c_int;
+        // SAFETY: a live communicator and an out-pointer.
+        let code = unsafe { (self.lib.comm_get_async_error)(self.comm.0, &mut async_error) };
+        self.lib.check(code, op)?;
+        if async_error == ncclResult_t::ncclInProgress as c_int {
+            return Ok(None);
+        }
+        Ok(self.lib.check(async_error, op).err().map(|e| e.to_string()))
     }
 
     /// Aborts the communicator (ending any kernel still waiting on peers) and marks it broken.
@@ -316,6 +317,44 @@ impl NcclCollective {
             self.comm.0 = std::ptr::null_mut();
         }
         self.broken = Some(reason);
+    }
+}
+
+/// State of the stream a collective was enqueued on, at one poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamState {
+    /// Every enqueued kernel finished.
+    Drained,
+    /// Kernels are still running.
+    Running,
+    /// The stream reported an error.
+    Failed(String),
+}
+
+/// What the watchdog decides at one poll of a collective.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The collective completed.
+    Done,
+    /// Still running, within the deadline.
+    KeepWaiting,
+    /// The stream or the communicator failed: abort.
+    Failed(String),
+    /// Past the deadline: abort.
+    TimedOut,
+}
+
+/// The watchdog's decision from one poll, with the time passed in: completion wins, then an
+/// error of the stream or the communicator, then the deadline.
+pub fn watchdog_verdict(now: Instant, deadline: Instant, stream: StreamState, async_error: Option<String>) -> Verdict {
+    match stream {
+        StreamState::Drained => Verdict::Done,
+        StreamState::Failed(e) => Verdict::Failed(format!("the CUDA stream failed: {e}")),
+        StreamState::Running => match async_error {
+            Some(e) => Verdict::Failed(format!("asynchronous NCCL error: {e}")),
+            None if now >= deadline => Verdict::TimedOut,
+            None => Verdict::KeepWaiting,
+        },
     }
 }
 
@@ -659,6 +698,27 @@ mod dl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watchdog_waits_then_times_out_on_a_fake_clock() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(30);
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(watchdog_verdict(at(1), deadline, StreamState::Running, None), Verdict::KeepWaiting);
+        assert_eq!(watchdog_verdict(at(29), deadline, StreamState::Running, None), Verdict::KeepWaiting);
+        assert_eq!(watchdog_verdict(at(30), deadline, StreamState::Running, None), Verdict::TimedOut);
+        assert_eq!(watchdog_verdict(at(31), deadline, StreamState::Drained, None), Verdict::Done);
+    }
+
+    #[test]
+    fn watchdog_aborts_on_errors_before_the_deadline() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(30);
+        let v = watchdog_verdict(start, deadline, StreamState::Running, Some("remote rank died".into()));
+        assert_eq!(v, Verdict::Failed("asynchronous NCCL error: remote rank died".into()));
+        let v = watchdog_verdict(start, deadline, StreamState::Failed("CUDA_ERROR_LAUNCH_FAILED".into()), None);
+        assert!(matches!(v, Verdict::Failed(m) if m.contains("LAUNCH_FAILED")));
+    }
 
     #[test]
     fn dtypes_map_to_nccl_types() {

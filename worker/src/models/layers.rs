@@ -87,7 +87,8 @@ pub fn cast(t: &Tensor, like: &Tensor) -> Tensor {
     }
 }
 
-/// LayerNorm computed in fp32 or fp64 (never bf16), returned in the input's kind.
+/// LayerNorm over the last dimension. A bf16 input is normalised by libtorch's mixed-type
+/// kernel against the fp32 affine parameters (statistics in fp32) and comes back in bf16.
 #[derive(Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -97,8 +98,7 @@ pub struct LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let wide = if x.kind() == tch::Kind::BFloat16 || x.kind() == tch::Kind::Half { x.to_kind(self.weight.kind()) } else { x.shallow_clone() };
-        wide.layer_norm([self.width], Some(&self.weight), Some(&self.bias), 1e-5, true).to_kind(x.kind())
+        x.layer_norm([self.width], Some(&self.weight), Some(&self.bias), 1e-5, true)
     }
 }
 
