@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
-TEST_PACKAGES=(open-clip-torch==3.3.0 safetensors numpy pillow ftfy regex)
+TEST_PACKAGES=(open-clip-torch==3.3.0 safetensors numpy pillow ftfy regex transformers==5.24.0 "moto[server]")
 
 if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv" >&2
@@ -20,7 +20,7 @@ torch_dir=$(.venv/bin/python -c "import os, torch; print(os.path.dirname(torch._
 ln -sfn "$torch_dir" .venv/torch
 
 if [[ "${1:-}" == "--test" ]]; then
-  if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy" 2>/dev/null; then
+  if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy, transformers, moto.server, boto3" 2>/dev/null; then
     echo "setup: installing test reference packages into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "${TEST_PACKAGES[@]}"
   fi

@@ -8,7 +8,7 @@ use std::time::Duration;
 use braid_proto::coordinator_client::CoordinatorClient as RpcClient;
 use braid_proto::{
     CheckpointVote, CheckpointVoteReply, CorruptReply, CorruptReport, DataPlanReply, DataPlanRequest, Header,
-    HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, LeaveRequest, PublishBootstrapRequest, RendezvousReply,
+    HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, CheckpointRequest, LeaveRequest, PublishBootstrapRequest, RendezvousReply,
     RendezvousRequest, RendezvousState, StepReply, StepReport, PROTOCOL_VERSION,
 };
 use tonic::transport::{Channel, Endpoint};
@@ -221,5 +221,13 @@ impl CoordinatorClient {
         let req = LeaveRequest { header: Some(self.header()), reason: reason.into() };
         self.rpc.clone().leave(req).await.map_err(|s| refused("Leave", s))?;
         Ok(())
+    }
+
+    /// `RequestCheckpoint`: a checkpoint at the next common step, then a stop if `stop_after`.
+    /// Returns the step once the coordinator has fixed it.
+    pub async fn request_checkpoint(&self, reason: &str, stop_after: bool) -> Result<Option<u64>> {
+        let req = CheckpointRequest { header: Some(self.header()), reason: reason.into(), stop_after };
+        let reply = self.rpc.clone().request_checkpoint(req).await.map_err(|s| refused("RequestCheckpoint", s))?;
+        Ok(reply.into_inner().step)
     }
 }

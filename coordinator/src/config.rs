@@ -55,6 +55,10 @@ pub struct ModelSection {
     /// Use QuickGELU (OpenAI CLIP weights) instead of GELU. Default false.
     #[serde(default)]
     pub quick_gelu: bool,
+    /// Weights to start from instead of a random initialisation: a safetensors file in the
+    /// open_clip layout (as written by `braid export --format open_clip`). Default: none.
+    #[serde(default)]
+    pub init_from: Option<String>,
     /// Text context length in tokens. Default: the preset's (`tiny` 32, base presets 77).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_length: Option<usize>,
@@ -178,9 +182,19 @@ pub struct CheckpointSection {
     /// Checkpoint every N steps; 0 = only at the end. Default 0.
     #[serde(default)]
     pub every_steps: u64,
+    /// Also checkpoint every T minutes of training; 0 = off. Default 0.
+    #[serde(default)]
+    pub every_minutes: f64,
     /// Committed checkpoints to keep. Default 3.
     #[serde(default = "default_keep")]
     pub keep: usize,
+    /// Keep every checkpoint whose step + 1 is a multiple of this, beyond `keep`; 0 = none. Default 0.
+    #[serde(default)]
+    pub keep_every_steps: u64,
+    /// Seconds `braid run` and workers have after SIGTERM/SIGINT to checkpoint, commit and
+    /// exit 0. Default 120.
+    #[serde(default = "default_grace")]
+    pub grace_period_s: f64,
     /// Resume from the checkpoint that `latest` points at, if there is one. Default true.
     #[serde(default = "default_true")]
     pub resume: bool,
@@ -273,6 +287,9 @@ fn default_device() -> String {
 fn default_keep() -> usize {
     3
 }
+fn default_grace() -> f64 {
+    120.0
+}
 fn default_true() -> bool {
     true
 }
@@ -285,7 +302,7 @@ fn default_log_every() -> u64 {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { family: default_family(), preset: default_preset(), quick_gelu: false, context_length: None }
+        Self { family: default_family(), preset: default_preset(), quick_gelu: false, init_from: None, context_length: None }
     }
 }
 
@@ -325,7 +342,15 @@ impl Default for ClusterSection {
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        Self { url: None, every_steps: 0, keep: default_keep(), resume: true }
+        Self {
+            url: None,
+            every_steps: 0,
+            every_minutes: 0.0,
+            keep: default_keep(),
+            keep_every_steps: 0,
+            grace_period_s: default_grace(),
+            resume: true,
+        }
     }
 }
 
@@ -380,6 +405,9 @@ impl JobConfig {
         }
         if let Some(url) = self.checkpoint.url.as_mut() {
             resolve(url);
+        }
+        if let Some(init) = self.model.init_from.as_mut() {
+            resolve(init);
         }
     }
 
@@ -479,6 +507,12 @@ impl JobConfig {
         }
         if self.checkpoint.keep == 0 {
             p.push("checkpoint.keep = 0: keep at least 1".into());
+        }
+        if !(self.checkpoint.every_minutes >= 0.0 && self.checkpoint.every_minutes.is_finite()) {
+            p.push(format!("checkpoint.every_minutes = {}: must be >= 0", self.checkpoint.every_minutes));
+        }
+        if !(self.checkpoint.grace_period_s > 0.0 && self.checkpoint.grace_period_s.is_finite()) {
+            p.push(format!("checkpoint.grace_period_s = {}: must be a positive number of seconds", self.checkpoint.grace_period_s));
         }
         if self.checkpoint.every_steps > 0 && self.checkpoint.url.is_none() {
             p.push("checkpoint.every_steps is set but checkpoint.url is not".into());

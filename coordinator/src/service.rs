@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use braid_proto::coordinator_server::Coordinator as CoordinatorRpc;
 use braid_proto::{
-    CheckpointVote, CheckpointVoteReply, CorruptReply, CorruptReport, DataPlanReply, DataPlanRequest, HeartbeatReply,
+    CheckpointRequest, CheckpointRequestReply, CheckpointVote, CheckpointVoteReply, CorruptReply, CorruptReport, DataPlanReply, DataPlanRequest, HeartbeatReply,
     HeartbeatRequest, JoinReply, JoinRequest, LeaveReply, LeaveRequest, PublishBootstrapReply, PublishBootstrapRequest,
     RendezvousReply, RendezvousRequest, StepReply, StepReport,
 };
@@ -110,6 +110,12 @@ impl CoordinatorService {
         self.update(|s, _| s.tick(now));
     }
 
+    /// Asks for a checkpoint at the next common step, then a stop with `stop_after` (the
+    /// embedding `braid run` on SIGTERM). Returns the step once it is fixed.
+    pub fn checkpoint_now(&self, reason: &str, stop_after: bool) -> Result<Option<u64>> {
+        self.apply(|s, _| s.checkpoint_now(reason.to_string(), stop_after)).0
+    }
+
     /// Cancelled once the job finished or failed.
     pub fn ended(&self) -> CancellationToken {
         self.shared.ended.clone()
@@ -141,7 +147,7 @@ impl CoordinatorService {
                 );
             }
         }
-        self.update(|s, _| s.commit_succeeded(plan, url.clone()));
+        self.update(|s, now| s.commit_succeeded(now, plan, url.clone()));
         match commit::apply_retention(root, self.shared.keep).await {
             Ok(deleted) if !deleted.is_empty() => {
                 tracing::info!("checkpoint.keep = {}: deleted checkpoint steps {deleted:?}", self.shared.keep)
@@ -222,6 +228,14 @@ impl CoordinatorRpc for CoordinatorService {
     async fn report_corrupt(&self, request: Request<CorruptReport>) -> Result<Response<CorruptReply>, Status> {
         let req = request.into_inner();
         reply("ReportCorrupt", self.apply(|s, now| s.report_corrupt(now, &req)).0)
+    }
+
+    async fn request_checkpoint(
+        &self,
+        request: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointRequestReply>, Status> {
+        let req = request.into_inner();
+        reply("RequestCheckpoint", self.apply(|s, now| s.request_checkpoint(now, &req)).0)
     }
 
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use braid_proto::{
-    CheckpointVote, CheckpointVoteReply, CorruptReply, CorruptReport, DataPlanReply, DataPlanRequest, Header,
+    CheckpointRequest, CheckpointRequestReply, CheckpointVote, CheckpointVoteReply, CorruptReply, CorruptReport, DataPlanReply, DataPlanRequest, Header,
     HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, LeaveReply, LeaveRequest, PublishBootstrapReply,
     PublishBootstrapRequest, RendezvousReply, RendezvousRequest, RendezvousState, StepReply, StepReport,
     PROTOCOL_VERSION,
@@ -166,12 +166,14 @@ pub struct Progress {
     pub finished: bool,
     /// Why the job failed, if it did.
     pub failure: Option<String>,
+    /// The step after which the job stopped for a preemption (its checkpoint is committed).
+    pub preempted_after: Option<u64>,
 }
 
 impl Progress {
-    /// True when the job finished or failed.
+    /// True when the job finished, failed, or stopped after a preemption checkpoint.
     pub fn is_over(&self) -> bool {
-        self.finished || self.failure.is_some()
+        self.finished || self.failure.is_some() || self.preempted_after.is_some()
     }
 }
 
@@ -252,6 +254,23 @@ pub struct Coordinator {
     /// The latest step report of the lowest rank that reported, kept after its generation ends
     /// so the final summary still has the last loss and throughput.
     last_report: Option<(u32, StepStats)>,
+    /// A checkpoint asked for by the timer, an operator or a preemption, until it commits.
+    requested: Option<RequestedCheckpoint>,
+    /// When the last checkpoint committed (or the job started), for `every_minutes`.
+    last_commit_at: Instant,
+    /// The step after which the job stopped for a preemption, once that checkpoint committed.
+    preempted_after: Option<u64>,
+}
+
+/// A checkpoint the coordinator will have every rank take at a common step.
+#[derive(Debug, Clone, PartialEq)]
+struct RequestedCheckpoint {
+    reason: String,
+    stop_after: bool,
+    /// The step it is taken after; fixed at the first step report after the request, as
+    /// `reported + 1`: no rank can finish that step before every rank reported the one before,
+    /// so every rank learns it in time.
+    step: Option<u64>,
 }
 
 fn secs(s: f64) -> Duration {
@@ -286,6 +305,9 @@ impl Coordinator {
             failure: None,
             actions: Vec::new(),
             last_report: None,
+            requested: None,
+            last_commit_at: now,
+            preempted_after: None,
         }
     }
 
@@ -334,7 +356,48 @@ impl Coordinator {
 
     /// True when the job finished or failed.
     pub fn is_over(&self) -> bool {
-        self.finished || self.failure.is_some()
+        self.finished || self.failure.is_some() || self.preempted_after.is_some()
+    }
+
+    /// `RequestCheckpoint`: a checkpoint at the next step every rank can still reach; with
+    /// `stop_after`, training stops once it is committed (preemption).
+    pub fn request_checkpoint(&mut self, now: Instant, req: &CheckpointRequest) -> Result<CheckpointRequestReply> {
+        let header = req.header.as_ref().ok_or_else(|| Error::InvalidRequest("request without a header".into()))?;
+        self.check_header(Some(header))?;
+        if !header.worker_id.is_empty() {
+            self.touch(now, Some(header))?;
+        }
+        let reason = if req.reason.is_empty() { "requested".to_string() } else { req.reason.clone() };
+        let step = self.checkpoint_now(reason, req.stop_after)?;
+        Ok(CheckpointRequestReply { step })
+    }
+
+    /// Asks for a checkpoint at the next common step (then a stop with `stop_after`); returns
+    /// the step once it is fixed. For the embedding process (`braid run` on a signal).
+    pub fn checkpoint_now(&mut self, reason: String, stop_after: bool) -> Result<Option<u64>> {
+        if self.is_over() {
+            return Err(Error::InvalidRequest("the job is over; nothing to checkpoint".into()));
+        }
+        if self.config.checkpoint.url.is_none() {
+            return Err(Error::InvalidRequest("this job has no checkpoint.url; nothing can be committed".into()));
+        }
+        self.ask_checkpoint(reason, stop_after);
+        Ok(self.requested.as_ref().and_then(|r| r.step))
+    }
+
+    fn ask_checkpoint(&mut self, reason: String, stop_after: bool) {
+        match &mut self.requested {
+            Some(r) => {
+                if stop_after && !r.stop_after {
+                    r.stop_after = true;
+                    r.reason = format!("{}; {reason}", r.reason);
+                }
+            }
+            None => {
+                self.log(LogLevel::Info, format!("checkpoint requested: {reason}{}", if stop_after { " (then stop)" } else { "" }));
+                self.requested = Some(RequestedCheckpoint { reason, stop_after, step: None });
+            }
+        }
     }
 
     /// The newest committed checkpoint, if any.
@@ -710,10 +773,10 @@ impl Coordinator {
     pub fn report_step(&mut self, now: Instant, req: &StepReport) -> Result<StepReply> {
         let id = self.touch(now, req.header.as_ref())?;
         if self.is_over() {
-            return Ok(StepReply { stop: true, rendezvous_required: false });
+            return Ok(StepReply { stop: true, ..Default::default() });
         }
         if self.live_rank(&id, req.generation).is_err() {
-            return Ok(StepReply { stop: false, rendezvous_required: true });
+            return Ok(StepReply { rendezvous_required: true, ..Default::default() });
         }
         let total = self.config.train.steps;
         if req.step >= total {
@@ -733,8 +796,19 @@ impl Coordinator {
         let w = self.workers.get_mut(&id).expect("touched worker exists");
         w.last_step = Some(req.step);
         w.stats = Some(stats);
+        if let Some(r) = self.requested.as_mut() {
+            if r.step.is_none() && req.step + 1 < total {
+                r.step = Some(req.step + 1);
+            }
+        }
         self.check_finished();
-        Ok(StepReply { stop: self.is_over(), rendezvous_required: false })
+        let scheduled = self.requested.as_ref().and_then(|r| r.step.map(|s| (s, r.stop_after)));
+        Ok(StepReply {
+            stop: self.is_over(),
+            rendezvous_required: false,
+            checkpoint_step: scheduled.map(|(s, _)| s),
+            stop_after_checkpoint: scheduled.is_some_and(|(_, stop)| stop),
+        })
     }
 
     fn check_finished(&mut self) {
@@ -873,6 +947,17 @@ impl Coordinator {
         self.log(LogLevel::Warn, format!("checkpoint step {step} attempt {attempt} aborted: {reason}"));
         if step + 1 == self.config.train.steps {
             self.fail(format!("the final checkpoint (step {step}, attempt {attempt}) was aborted: {reason}"));
+            return;
+        }
+        let Some(r) = self.requested.as_mut() else { return };
+        if r.step == Some(step) {
+            if r.stop_after {
+                let why = r.reason.clone();
+                self.fail(format!("the checkpoint before stopping ({why}) at step {step} was aborted: {reason}"));
+            } else {
+                // Taken again at a later step (e.g. rank 0's previous upload was still running).
+                r.step = None;
+            }
         }
     }
 
@@ -882,7 +967,17 @@ impl Coordinator {
     }
 
     /// The shell committed `plan`: its manifest is at `manifest_url`.
-    pub fn commit_succeeded(&mut self, plan: &CommitPlan, manifest_url: String) {
+    pub fn commit_succeeded(&mut self, now: Instant, plan: &CommitPlan, manifest_url: String) {
+        self.last_commit_at = now;
+        if let Some(r) = self.requested.as_ref() {
+            if r.step.is_some_and(|s| plan.step >= s) {
+                if r.stop_after {
+                    self.preempted_after = Some(plan.step);
+                    self.log(LogLevel::Warn, format!("stopping after the checkpoint of step {} ({})", plan.step, r.reason));
+                }
+                self.requested = None;
+            }
+        }
         if let Some(round) = self.rounds.get_mut(&(plan.step, plan.attempt.clone())) {
             round.state = RoundState::Committed(manifest_url.clone());
         }
@@ -966,8 +1061,14 @@ impl Coordinator {
         }
     }
 
-    /// Periodic work: declares silent workers dead and forms generations whose grace passed.
+    /// Periodic work: declares silent workers dead, forms generations whose grace passed and
+    /// asks for the `every_minutes` checkpoint.
     pub fn tick(&mut self, now: Instant) {
+        let minutes = self.config.checkpoint.every_minutes;
+        let due = minutes > 0.0 && now.saturating_duration_since(self.last_commit_at) >= secs(minutes * 60.0);
+        if due && self.requested.is_none() && self.generation.is_some() && !self.is_over() {
+            self.ask_checkpoint(format!("checkpoint.every_minutes = {minutes}"), false);
+        }
         let timeout = secs(self.config.cluster.heartbeat_timeout_s);
         let dead: Vec<(String, Duration)> = self
             .workers
@@ -1042,6 +1143,7 @@ impl Coordinator {
             corrupt_samples: self.quarantined.len() as u64,
             finished: self.finished,
             failure: self.failure.clone(),
+            preempted_after: self.preempted_after,
         }
     }
 }

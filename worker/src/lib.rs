@@ -6,6 +6,7 @@ pub mod collective;
 pub mod data;
 pub mod devicecheck;
 pub mod eval;
+pub mod export;
 pub mod models;
 pub mod multi_tensor;
 pub mod objectives;

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use braid_coordinator::client::CoordinatorClient;
 use braid_coordinator::config::JobConfig;
-use braid_proto::{CheckpointPart, CheckpointVote, RendezvousState, StepReport};
+use braid_proto::{RendezvousState, StepReport};
 use tch::Device;
 
+use crate::checkpoint::participant::{Checkpointer, Taken};
 use crate::checkpoint::CheckpointStore;
 use crate::collective::{connect_collective, Engine, NcclUniqueId, Rendezvous, RingListener};
 use crate::data::loader::{CorruptSample, Loader, LoaderOptions};
@@ -101,14 +102,45 @@ pub fn run(options: WorkerOptions) -> Result<(), WorkerError> {
 
     let step_now = Arc::new(AtomicU64::new(0));
     let heartbeat = spawn_heartbeat(&runtime, client.clone(), step_now.clone(), Duration::from_millis(joined.heartbeat_interval_ms.max(100)));
+    let grace = Duration::from_secs_f64(config.checkpoint.grace_period_s);
+    let signals = runtime.spawn(stop_on_signal(client.clone(), grace));
     let result = train(&runtime, &mut client, &config, device, &options, &step_now);
     heartbeat.abort();
+    signals.abort();
     let reason = match &result {
         Ok(()) => "finished".to_string(),
         Err(e) => format!("error: {e}"),
     };
     let _ = runtime.block_on(client.leave(&reason));
     result
+}
+
+/// On SIGTERM or SIGINT (preemption, Ctrl-C): asks the coordinator for a checkpoint and a
+/// stop, and keeps training until then. A second signal, or the end of the grace period,
+/// exits at once with status 1.
+async fn stop_on_signal(client: CoordinatorClient, grace: Duration) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("cannot listen for SIGTERM/SIGINT; they will end this worker at once");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    let who = client.worker_id().unwrap_or_default();
+    tracing::warn!("{name}: asking for a checkpoint, then stopping (grace period {:.0} s)", grace.as_secs_f64());
+    if let Err(e) = client.request_checkpoint(&format!("{name} on worker {who}"), true).await {
+        tracing::error!("{name}: no checkpoint can be taken ({e}); stopping now");
+        let _ = client.leave(&format!("{name}")).await;
+        std::process::exit(1);
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(grace) => tracing::error!("grace period of {:.0} s is over; stopping without a checkpoint", grace.as_secs_f64()),
+        _ = term.recv() => tracing::error!("second SIGTERM; stopping now"),
+        _ = int.recv() => tracing::error!("second SIGINT; stopping now"),
+    }
+    std::process::exit(1);
 }
 
 fn spawn_heartbeat(
@@ -163,6 +195,9 @@ fn train(
     let clip = clip_config(config, tokenizer.vocab_size() as i64).map_err(crate::trainer::TrainError::from)?;
     let mut trainer = ClipTrainer::new(config, clip, device)?;
     let checkpoints = config.checkpoint.url.as_deref().map(CheckpointStore::open).transpose()?;
+    let checkpointer = checkpoints
+        .clone()
+        .map(|store| Checkpointer::new(store, client.clone(), runtime.handle().clone(), generation, rank));
     if !plan_reply.resume_manifest_url.is_empty() {
         let store = checkpoints.as_ref().ok_or_else(|| WorkerError::Protocol("resume without a checkpoint url".into()))?;
         let (manifest, tensors) = store.read_checkpoint(&plan_reply.resume_manifest_url)?;
@@ -226,11 +261,27 @@ fn train(
         }))?;
         let last = step + 1 == plan_reply.total_steps;
         let every = config.checkpoint.every_steps;
-        if let Some(store) = &checkpoints {
-            if last || (every > 0 && (step + 1) % every == 0) {
+        let requested = reply.checkpoint_step == Some(step);
+        let stop_here = requested && reply.stop_after_checkpoint;
+        if let Some(checkpointer) = &checkpointer {
+            if last || requested || (every > 0 && (step + 1) % every == 0) {
                 let attempt = format!("{}-s{step}", plan_reply.attempt_prefix);
-                checkpoint(runtime, client, store, &trainer, generation, step, &attempt, rank)?;
+                let state = || {
+                    let mut state = trainer.state();
+                    state.push(("train.step".into(), tch::Tensor::from(step as i64)));
+                    state
+                };
+                match checkpointer.take(step, &attempt, state, last || stop_here) {
+                    Taken::Started { blocked } => {
+                        tracing::info!(step, blocked_seconds = blocked.as_secs_f64(), "checkpoint started")
+                    }
+                    Taken::Deferred => tracing::warn!(step, "checkpoint deferred: the previous upload is still in flight"),
+                }
             }
+        }
+        if stop_here {
+            tracing::warn!(step, "stopping after this checkpoint, as the coordinator asked");
+            break;
         }
         if reply.stop {
             tracing::info!(step, "the coordinator asked to stop");
@@ -241,6 +292,9 @@ fn train(
                 "generation {generation} ended at step {step} (a member left); this worker stops"
             )));
         }
+    }
+    if let Some(checkpointer) = &checkpointer {
+        checkpointer.finish();
     }
     wait_for_job_end(runtime, client, config)
 }
@@ -290,46 +344,4 @@ fn nccl_bootstrap(
 
 fn port_of(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap_or(addr)
-}
-
-/// Writes this rank's part (rank 0 holds the replicated model and optimizer state) and votes.
-#[allow(clippy::too_many_arguments)]
-fn checkpoint(
-    runtime: &tokio::runtime::Runtime,
-    client: &mut CoordinatorClient,
-    store: &CheckpointStore,
-    trainer: &ClipTrainer,
-    generation: u64,
-    step: u64,
-    attempt: &str,
-    rank: usize,
-) -> Result<(), WorkerError> {
-    let written = if rank == 0 {
-        let mut state = trainer.state();
-        state.push(("train.step".into(), tch::Tensor::from(step as i64)));
-        store.write_part(step, attempt, rank, &state).map(Some)
-    } else {
-        Ok(None)
-    };
-    let (ok, error, parts) = match written {
-        Ok(part) => (true, String::new(), part.into_iter().collect::<Vec<_>>()),
-        Err(e) => (false, e.to_string(), Vec::new()),
-    };
-    let vote = CheckpointVote {
-        header: None,
-        generation,
-        step,
-        attempt: attempt.to_string(),
-        rank: rank as u32,
-        ok,
-        error: error.clone(),
-        parts: parts.iter().map(|p| CheckpointPart { path: p.path.clone(), sha256: p.sha256.clone(), size: p.size }).collect(),
-    };
-    let reply = runtime.block_on(client.commit_checkpoint(vote))?;
-    if !ok {
-        tracing::warn!(step, "checkpoint part failed, attempt aborted: {error}");
-    } else if reply.committed {
-        tracing::info!(step, manifest = %reply.manifest_url, "checkpoint committed");
-    }
-    Ok(())
 }

@@ -5,6 +5,9 @@
 //! Layout under the checkpoint URL:
 //! `step-000200/attempt-<id>/rank-0.safetensors`, `step-000200/manifest.json`, `latest`.
 
+pub mod participant;
+pub mod upload;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};

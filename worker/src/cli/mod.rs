@@ -1,8 +1,10 @@
 //! The `braid` command line: one module per command group.
 
 mod bench;
+mod checkpoint;
 mod data;
 mod eval;
+mod export;
 mod run;
 
 use std::path::PathBuf;
@@ -33,6 +35,11 @@ enum Command {
     Data(data::DataCommand),
     /// Evaluate a checkpoint on held-out data: retrieval R@1/5/10 and zero-shot accuracy.
     Eval(eval::EvalArgs),
+    /// Export a committed checkpoint's model in open_clip's or transformers' layout.
+    Export(export::ExportArgs),
+    /// List committed checkpoints or show one's manifest.
+    #[command(subcommand)]
+    Checkpoint(checkpoint::CheckpointCommand),
     /// Measure training-step throughput of a model preset on synthetic tensors.
     Bench(bench::BenchArgs),
     /// Check what GPU workers rely on: CUDA in libtorch, NCCL, one-rank collectives.
@@ -62,6 +69,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Coordinator(args) => run::coordinator(args),
         Command::Data(cmd) => data::dispatch(cmd),
         Command::Eval(args) => eval::eval(args),
+        Command::Export(args) => export::export(args),
+        Command::Checkpoint(cmd) => checkpoint::dispatch(cmd),
         Command::Bench(args) => bench::bench(args),
         Command::CheckDevice { device, json } => {
             let device = braid::worker::parse_device(&device).ok_or_else(|| anyhow::anyhow!("--device {device:?}: use cuda or cuda:N"))?;

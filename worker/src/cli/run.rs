@@ -110,6 +110,7 @@ struct RunSummary {
     job: String,
     finished: bool,
     failure: Option<String>,
+    preempted_after: Option<u64>,
     workers: usize,
     steps: u64,
     final_loss: Option<f64>,
@@ -153,7 +154,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let bar = (!args.json).then(|| progress_bar(config.train.steps));
     let mut failed_worker: Option<String> = None;
+    let signalled = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+    runtime.spawn(checkpoint_on_signal(handle.service().clone(), signalled.clone()));
+    let grace = Duration::from_secs_f64(config.checkpoint.grace_period_s);
     loop {
+        let since_signal = *signalled.lock().unwrap_or_else(|e| e.into_inner());
+        if since_signal.is_some_and(|t| t.elapsed() > grace) && failed_worker.is_none() {
+            failed_worker = Some(format!(
+                "the grace period of {:.0} s after the stop signal ended before the checkpoint was committed",
+                grace.as_secs_f64()
+            ));
+        }
         let progress = handle.progress();
         if let Some(bar) = &bar {
             update_bar(bar, &progress);
@@ -189,9 +200,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = runtime.block_on(handle.join());
 
     let failure = progress.failure.clone().or(failed_worker).or_else(|| {
-        (!progress.finished).then(|| format!("workers exited before the job finished; logs in {}", log_dir.display()))
+        (!progress.finished && progress.preempted_after.is_none())
+            .then(|| format!("workers exited before the job finished; logs in {}", log_dir.display()))
     });
-    let eval = match (&failure, config.data.eval.is_some(), args.no_eval, config.checkpoint.url.is_some()) {
+    let eval = match (&failure, config.data.eval.is_some(), args.no_eval || !progress.finished, config.checkpoint.url.is_some()) {
         (None, true, false, true) => {
             let report = evaluate(&config, &EvalOptions { checkpoint: None, data: None, batch: 256, device: tch::Device::Cpu })
                 .context("held-out evaluation")?;
@@ -203,6 +215,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         job: config.job.name.clone(),
         finished: progress.finished,
         failure: failure.clone(),
+        preempted_after: progress.preempted_after,
         workers,
         steps: progress.steps_done,
         final_loss: progress.loss,
@@ -219,6 +232,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         print_summary(&summary);
     }
     Ok(if failure.is_some() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// On SIGTERM or SIGINT: asks the embedded coordinator for a checkpoint and a stop, and
+/// records when, so the grace period can be enforced.
+async fn checkpoint_on_signal(service: braid_coordinator::service::CoordinatorService, signalled: std::sync::Arc<std::sync::Mutex<Option<Instant>>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    *signalled.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    match service.checkpoint_now(&format!("{name} on braid run"), true) {
+        Ok(_) => tracing::warn!("{name}: checkpointing, then stopping"),
+        Err(e) => tracing::warn!("{name}: {e}"),
+    }
 }
 
 fn spawn_workers(address: &str, n: usize, device: &str, log_dir: &std::path::Path) -> anyhow::Result<Vec<Child>> {
@@ -265,9 +294,13 @@ fn update_bar(bar: &indicatif::ProgressBar, p: &Progress) {
 }
 
 fn print_summary(s: &RunSummary) {
-    match &s.failure {
-        None => println!("job {} finished: {} steps with {} workers in {:.1} s", s.job, s.steps, s.workers, s.wall_seconds),
-        Some(f) => println!("job {} FAILED after {} steps: {f}", s.job, s.steps),
+    match (&s.failure, s.preempted_after) {
+        (Some(f), _) => println!("job {} FAILED after {} steps: {f}", s.job, s.steps),
+        (None, Some(step)) => println!(
+            "job {} stopped after the checkpoint of step {step} ({:.1} s); run it again to resume",
+            s.job, s.wall_seconds
+        ),
+        (None, None) => println!("job {} finished: {} steps with {} workers in {:.1} s", s.job, s.steps, s.workers, s.wall_seconds),
     }
     if let Some(loss) = s.final_loss {
         println!("final loss: {loss:.4}");

@@ -1,130 +1,85 @@
-//! Object-store locations for manifests and shards.
+//! Object-store locations for manifests, shards and checkpoint parts, as the data pipeline sees
+//! them: [`braid_coordinator::store`] with errors in the pipeline's [`Error`] and a blocking
+//! entry point ([`block_on`]) for plain threads.
 //!
-//! A location is given as a local path (`/abs/path`, `relative/path`) or a URL (`file:///abs`).
-//! Every location is turned into an absolute URL first, so references inside a manifest resolve
-//! against it with ordinary URL rules, whatever the backend. Backends are chosen by scheme in
-//! [`open_url`]; only `file` exists in this build.
+//! A location is a local path or a URL of any backend that store knows (`file://`, `s3://`,
+//! `gs://`, `az://`, `abfs://`, `memory://`); references inside a manifest resolve against the
+//! manifest's own URL.
 
 use std::ops::Range;
-use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::OnceLock;
 
 use braid_coordinator::manifest::DatasetManifest;
+use braid_coordinator::store as shared;
 use bytes::Bytes;
-use object_store::local::LocalFileSystem;
-use object_store::path::Path as ObjectPath;
-use object_store::ObjectStore;
 use url::Url;
 
 use super::error::{Error, Result};
 
-/// One object in an object store, with the URL that names it in messages.
-#[derive(Clone)]
-pub struct Location {
-    url: Url,
-    store: Arc<dyn ObjectStore>,
-    path: ObjectPath,
-}
+/// Threads of the runtime that drives object-store I/O for [`block_on`].
+const IO_THREADS: usize = 2;
 
-impl std::fmt::Debug for Location {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Location").field("url", &self.url.as_str()).finish()
+/// One object in an object store, with the URL that names it in messages.
+#[derive(Debug, Clone)]
+pub struct Location(shared::Location);
+
+/// The pipeline's error for a store error: a missing object becomes [`Error::NotFound`].
+fn lift(e: braid_coordinator::Error) -> Error {
+    match e {
+        braid_coordinator::Error::Store { url, source } => Error::store(&url, source),
+        braid_coordinator::Error::BadUrl { url, reason } => Error::BadUrl { url, reason },
+        other => Error::BadUrl { url: String::new(), reason: other.to_string() },
     }
 }
 
 /// Turns a local path or a URL into an absolute URL (relative paths against the current folder).
 pub fn parse_location(location: &str) -> Result<Url> {
-    if location.is_empty() {
-        return Err(Error::BadUrl { url: String::new(), reason: "empty location".into() });
-    }
-    if location.contains("://") {
-        return Url::parse(location).map_err(|e| Error::BadUrl { url: location.to_string(), reason: e.to_string() });
-    }
-    let absolute = std::path::absolute(location).map_err(|e| Error::io(location, e))?;
-    Url::from_file_path(normalize(&absolute))
-        .map_err(|()| Error::BadUrl { url: location.to_string(), reason: "cannot be written as a file:// URL".into() })
-}
-
-/// Removes `.` and resolves `..` lexically, without touching the file system.
-fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    out
+    shared::parse_location(location).map_err(lift)
 }
 
 /// Opens a local path or URL.
 pub fn open(location: &str) -> Result<Location> {
-    open_url(&parse_location(location)?)
+    shared::Location::open(location).map(Location).map_err(lift)
 }
 
 /// Opens an absolute URL with the backend its scheme names.
 pub fn open_url(url: &Url) -> Result<Location> {
-    match url.scheme() {
-        "file" => open_file_url(url, Arc::new(LocalFileSystem::new())),
-        scheme => Err(Error::UnsupportedScheme { url: url.to_string(), scheme: scheme.to_string() }),
-    }
-}
-
-fn open_file_url(url: &Url, store: Arc<dyn ObjectStore>) -> Result<Location> {
-    if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
-        return Err(Error::BadUrl {
-            url: url.to_string(),
-            reason: "a file URL needs an absolute path (file:///...), not a host".into(),
-        });
-    }
-    let path = ObjectPath::from_url_path(url.path())
-        .map_err(|e| Error::BadUrl { url: url.to_string(), reason: e.to_string() })?;
-    Ok(Location { url: url.clone(), store, path })
+    shared::Location::from_url(url).map(Location).map_err(lift)
 }
 
 /// Resolves `reference` (a relative path, an absolute path or a URL) against `base`, the URL of
 /// a file such as a manifest: `shard-000000.tar` next to `file:///d/train/manifest.json` is
 /// `file:///d/train/shard-000000.tar`.
 pub fn resolve(base: &Url, reference: &str) -> Result<Url> {
-    if reference.contains("://") || Path::new(reference).is_absolute() {
-        return parse_location(reference);
-    }
-    base.join(reference).map_err(|e| Error::BadUrl {
-        url: reference.to_string(),
-        reason: format!("cannot resolve against {base}: {e}"),
-    })
+    shared::resolve(base, reference).map_err(lift)
 }
 
 impl Location {
     /// The absolute URL of the object.
     pub fn url(&self) -> &str {
-        self.url.as_str()
+        self.0.url()
+    }
+
+    /// The shared store's location underneath.
+    pub fn inner(&self) -> &shared::Location {
+        &self.0
     }
 
     /// The location `reference` names relative to this object's folder, sharing this store
     /// when both live in the same one.
     pub fn join(&self, reference: &str) -> Result<Location> {
-        let url = resolve(&self.url, reference)?;
-        let same_store = url.scheme() == self.url.scheme() && url.host_str() == self.url.host_str();
-        match (same_store, url.scheme()) {
-            (true, "file") => open_file_url(&url, self.store.clone()),
-            _ => open_url(&url),
-        }
+        self.0.join(reference).map(Location).map_err(lift)
     }
 
     /// Reads the whole object.
     pub async fn read_all(&self) -> Result<Bytes> {
-        let got = self.store.get(&self.path).await.map_err(|e| Error::store(self.url(), e))?;
-        got.bytes().await.map_err(|e| Error::store(self.url(), e))
+        self.0.read_all().await.map_err(lift)
     }
 
     /// Reads the bytes `range` of the object; a range past the end is an error.
     pub async fn read_range(&self, range: Range<u64>) -> Result<Bytes> {
         let want = range.end - range.start;
-        let bytes = self.store.get_range(&self.path, range).await.map_err(|e| Error::store(self.url(), e))?;
+        let bytes = self.0.read_range(range).await.map_err(lift)?;
         if bytes.len() as u64 != want {
             return Err(Error::Tar {
                 path: self.url().to_string(),
@@ -134,16 +89,20 @@ impl Location {
         Ok(bytes)
     }
 
-    /// Writes the whole object, replacing what was there.
+    /// Writes the whole object, replacing what was there; large objects go up in parts.
     pub async fn put(&self, bytes: Bytes) -> Result<()> {
-        self.store.put(&self.path, bytes.into()).await.map_err(|e| Error::store(self.url(), e))?;
-        Ok(())
+        self.0.put(bytes).await.map_err(lift)
     }
 
     /// The object's size in bytes.
     pub async fn size(&self) -> Result<u64> {
-        let meta = self.store.head(&self.path).await.map_err(|e| Error::store(self.url(), e))?;
-        Ok(meta.size)
+        self.0.size().await.map_err(lift)
+    }
+}
+
+impl From<shared::Location> for Location {
+    fn from(location: shared::Location) -> Self {
+        Self(location)
     }
 }
 
@@ -164,24 +123,34 @@ pub fn shard_locations(manifest_location: &Location, manifest: &DatasetManifest)
     manifest.shards.iter().map(|s| manifest_location.join(&s.url)).collect()
 }
 
-/// Runs `future` to completion on a private runtime on a fresh thread, so it may be called from
-/// plain threads and from inside async code alike.
+/// The process-wide runtime whose threads keep the backends' connections alive between
+/// [`block_on`] calls.
+fn io_runtime() -> Result<&'static tokio::runtime::Handle> {
+    static RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(IO_THREADS)
+                .thread_name("braid-store-io")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map(tokio::runtime::Runtime::handle)
+        .map_err(|e| Error::Stopped(format!("cannot start the object-store I/O runtime: {e}")))
+}
+
+/// Runs `future` to completion on a fresh thread, with the process-wide I/O runtime driving
+/// its I/O, so it may be called from plain threads and from inside async code alike.
 pub fn block_on<F>(future: F) -> Result<F::Output>
 where
     F: std::future::Future + Send,
     F::Output: Send,
 {
+    let handle = io_runtime()?;
     std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| Error::Stopped(format!("cannot start an I/O runtime: {e}")))?;
-                Ok(runtime.block_on(future))
-            })
-            .join()
-            .map_err(|_| Error::Stopped("the I/O thread panicked".into()))?
+        scope.spawn(|| handle.block_on(future)).join().map_err(|_| Error::Stopped("the I/O thread panicked".into()))
     })
 }
 
@@ -208,6 +177,8 @@ mod tests {
         let part = block_on(by_url.read_range(2..5)).unwrap().unwrap();
         assert_eq!(&part[..], b"234");
         assert_eq!(block_on(by_url.size()).unwrap().unwrap(), 10);
+        let err = block_on(by_url.read_range(8..12)).unwrap().unwrap_err();
+        assert!(matches!(err, Error::Tar { .. }) && err.to_string().contains("short read"), "{err}");
     }
 
     #[test]
@@ -221,8 +192,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_location() {
-        let err = open("s3://bucket/train/manifest.json").unwrap_err().to_string();
-        assert!(err.contains("s3://bucket/train/manifest.json") && err.contains("not supported yet"), "{err}");
+        let err = open("hdfs://name/train/manifest.json").unwrap_err().to_string();
+        assert!(err.contains("hdfs://name/train/manifest.json") && err.contains("no object-store backend"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("manifest.json");
         let err = load_manifest(missing.to_str().unwrap()).unwrap_err();
@@ -230,5 +201,26 @@ mod tests {
         assert!(err.to_string().contains("manifest.json"), "{err}");
         let err = open("file://host/x").unwrap_err().to_string();
         assert!(err.contains("file://host/x"), "{err}");
+    }
+
+    #[test]
+    fn manifests_and_shards_resolve_inside_any_store() {
+        let manifest = open("memory://data-store-test/train/manifest.json").unwrap();
+        let shard = manifest.join("shard-000000.tar").unwrap();
+        assert_eq!(shard.url(), "memory://data-store-test/train/shard-000000.tar");
+        block_on(shard.put(Bytes::from_static(b"tar bytes"))).unwrap().unwrap();
+        let again = open("memory://data-store-test/train/shard-000000.tar").unwrap();
+        assert_eq!(block_on(again.read_all()).unwrap().unwrap(), "tar bytes");
+        let err = block_on(manifest.read_all()).unwrap().unwrap_err();
+        assert!(err.is_not_found() && err.to_string().contains("memory://data-store-test/train/manifest.json"), "{err}");
+    }
+
+    #[test]
+    fn block_on_runs_inside_async_code() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let inner = runtime.block_on(async { block_on(async { 41 + 1 }) }).unwrap();
+        assert_eq!(inner, 42);
+        let slept = block_on(async { tokio::time::sleep(std::time::Duration::from_millis(1)).await }).unwrap();
+        assert_eq!(slept, ());
     }
 }

@@ -1,0 +1,110 @@
+//! A rank's part in a checkpoint: snapshot, upload in the background, vote.
+//!
+//! Rank 0 holds the replicated model and optimizer state and writes the only part; every rank
+//! votes, so the coordinator commits only once all of them reached the step. Training waits
+//! only for the host copy; the upload and rank 0's vote happen on the upload thread.
+
+use std::time::{Duration, Instant};
+
+use braid_coordinator::client::CoordinatorClient;
+use braid_proto::{CheckpointPart, CheckpointVote};
+use tch::Tensor;
+
+use super::upload::{snapshot, Uploader};
+use super::{CheckpointStore, PartInfo};
+
+/// Takes part in checkpoints for one rank of one generation.
+pub struct Checkpointer {
+    uploader: Uploader,
+    client: CoordinatorClient,
+    runtime: tokio::runtime::Handle,
+    generation: u64,
+    rank: usize,
+}
+
+/// How a checkpoint request was handled on this rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Taken {
+    /// The state was snapshotted (rank 0) or the vote sent; `blocked` is how long training waited.
+    Started {
+        /// Time training was blocked.
+        blocked: Duration,
+    },
+    /// Rank 0's previous upload was still in flight: this attempt was voted down and the
+    /// checkpoint happens at a later step.
+    Deferred,
+}
+
+fn vote(
+    client: &CoordinatorClient,
+    runtime: &tokio::runtime::Handle,
+    generation: u64,
+    step: u64,
+    attempt: &str,
+    rank: usize,
+    outcome: Result<Option<PartInfo>, String>,
+) {
+    let (ok, error, parts) = match outcome {
+        Ok(part) => (true, String::new(), part.into_iter().collect::<Vec<_>>()),
+        Err(e) => (false, e, Vec::new()),
+    };
+    let request = CheckpointVote {
+        header: None,
+        generation,
+        step,
+        attempt: attempt.to_string(),
+        rank: rank as u32,
+        ok,
+        error: error.clone(),
+        parts: parts.iter().map(|p| CheckpointPart { path: p.path.clone(), sha256: p.sha256.clone(), size: p.size }).collect(),
+    };
+    match runtime.block_on(client.commit_checkpoint(request)) {
+        Ok(reply) if reply.committed => tracing::info!(step, manifest = %reply.manifest_url, "checkpoint committed"),
+        Ok(_) if !ok => tracing::warn!(step, "checkpoint attempt {attempt} voted down: {error}"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(step, "checkpoint vote for attempt {attempt} failed: {e}"),
+    }
+}
+
+impl Checkpointer {
+    /// A participant writing to `store`, voting through `client`.
+    pub fn new(store: CheckpointStore, client: CoordinatorClient, runtime: tokio::runtime::Handle, generation: u64, rank: usize) -> Self {
+        Self { uploader: Uploader::new(store), client, runtime, generation, rank }
+    }
+
+    /// Takes part in the checkpoint of `step`. `state` gives rank 0's tensors; with
+    /// `must_complete` (last step, preemption) a running upload is waited for instead of
+    /// deferring this checkpoint.
+    pub fn take(&self, step: u64, attempt: &str, state: impl FnOnce() -> Vec<(String, Tensor)>, must_complete: bool) -> Taken {
+        let started = Instant::now();
+        if self.rank != 0 {
+            vote(&self.client, &self.runtime, self.generation, step, attempt, self.rank, Ok(None));
+            return Taken::Started { blocked: started.elapsed() };
+        }
+        if must_complete {
+            self.uploader.wait_idle();
+        } else if self.uploader.is_busy() {
+            let reason = "the previous checkpoint upload is still in flight".to_string();
+            vote(&self.client, &self.runtime, self.generation, step, attempt, self.rank, Err(reason));
+            return Taken::Deferred;
+        }
+        let tensors = snapshot(&state());
+        let blocked = started.elapsed();
+        let (client, runtime, generation, rank) = (self.client.clone(), self.runtime.clone(), self.generation, self.rank);
+        let attempt_name = attempt.to_string();
+        let then = Box::new(move |result: super::Result<PartInfo>, took: Duration| {
+            if let Ok(part) = &result {
+                tracing::info!(step, bytes = part.size, seconds = took.as_secs_f64(), "checkpoint part uploaded");
+            }
+            vote(&client, &runtime, generation, step, &attempt_name, rank, result.map(Some).map_err(|e| e.to_string()));
+        });
+        let queued = self.uploader.submit(step, attempt, rank, tensors, then);
+        debug_assert!(queued, "the uploader was idle");
+        Taken::Started { blocked }
+    }
+
+    /// Waits for the upload in flight, if any (before the worker exits).
+    pub fn finish(&self) {
+        self.uploader.wait_idle();
+    }
+}

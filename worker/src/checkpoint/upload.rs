@@ -1,0 +1,111 @@
+//! Asynchronous checkpoint saving: the state is copied to host memory at the checkpoint step
+//! (the only time training waits), then serialised and uploaded on a background thread while
+//! training goes on. At most one upload is in flight.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Tensor};
+
+use super::{CheckpointStore, PartInfo, Result};
+
+/// What to do with the outcome of an upload (vote, log), run on the upload thread.
+pub type OnUploaded = Box<dyn FnOnce(Result<PartInfo>, Duration) + Send>;
+
+struct Job {
+    step: u64,
+    attempt: String,
+    rank: usize,
+    tensors: Vec<(String, Tensor)>,
+    then: OnUploaded,
+}
+
+/// A background uploader of checkpoint parts.
+pub struct Uploader {
+    jobs: Option<SyncSender<Job>>,
+    busy: Arc<(Mutex<bool>, Condvar)>,
+    busy_flag: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Copies named tensors to host memory, so training can keep changing the originals.
+pub fn snapshot(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    tch::no_grad(|| {
+        tensors
+            .iter()
+            .map(|(n, t)| {
+                let host = if t.device() == Device::Cpu { t.detach().copy() } else { t.detach().to_device(Device::Cpu) };
+                (n.clone(), host)
+            })
+            .collect()
+    })
+}
+
+impl Uploader {
+    /// Starts the upload thread for `store`.
+    pub fn new(store: CheckpointStore) -> Self {
+        let (tx, rx) = sync_channel::<Job>(1);
+        let busy = Arc::new((Mutex::new(false), Condvar::new()));
+        let busy_flag = Arc::new(AtomicBool::new(false));
+        let (thread_busy, thread_flag) = (busy.clone(), busy_flag.clone());
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-upload".into())
+            .spawn(move || {
+                for job in rx {
+                    let started = Instant::now();
+                    let result = store.write_part(job.step, &job.attempt, job.rank, &job.tensors);
+                    drop(job.tensors);
+                    (job.then)(result, started.elapsed());
+                    let (lock, cv) = &*thread_busy;
+                    *lock.lock().unwrap_or_else(|e| e.into_inner()) = false;
+                    thread_flag.store(false, Ordering::SeqCst);
+                    cv.notify_all();
+                }
+            })
+            .expect("spawn the checkpoint upload thread");
+        Self { jobs: Some(tx), busy, busy_flag, thread: Some(thread) }
+    }
+
+    /// True while an upload is in flight.
+    pub fn is_busy(&self) -> bool {
+        self.busy_flag.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until no upload is in flight.
+    pub fn wait_idle(&self) {
+        let (lock, cv) = &*self.busy;
+        let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = cv.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Queues the upload of an already snapshotted state; returns false (and drops nothing
+    /// else) when an upload is still in flight.
+    pub fn submit(&self, step: u64, attempt: &str, rank: usize, tensors: Vec<(String, Tensor)>, then: OnUploaded) -> bool {
+        {
+            let (lock, _) = &*self.busy;
+            let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if *busy {
+                return false;
+            }
+            *busy = true;
+            self.busy_flag.store(true, Ordering::SeqCst);
+        }
+        let job = Job { step, attempt: attempt.to_string(), rank, tensors, then };
+        self.jobs.as_ref().expect("uploader is running").send(job).expect("the upload thread is alive");
+        true
+    }
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
