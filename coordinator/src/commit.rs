@@ -112,6 +112,11 @@ pub async fn write_manifest(root: &StoreRoot, plan: &CommitPlan, now: SystemTime
     };
     let rel = manifest_path(plan.step);
     let json = serde_json::to_vec_pretty(&manifest).expect("a checkpoint manifest always serialises");
+    if crate::failpoint::armed("manifest-write", plan.step) {
+        // A torn manifest write: part of the JSON reaches the store, then the process dies.
+        root.put_create(&rel, json[..json.len() / 2].to_vec()).await?;
+        crate::failpoint::crash("manifest-write", plan.step);
+    }
     if !root.put_create(&rel, json).await? {
         return Err(Error::Checkpoint(format!(
             "{} already exists: step {} was committed before",
@@ -156,6 +161,76 @@ pub async fn read_latest(root: &StoreRoot) -> Result<Option<(CheckpointManifest,
         manifest_url: url,
     };
     Ok(Some((manifest, committed)))
+}
+
+/// Why a committed checkpoint cannot be resumed from, or `None` when every part is present
+/// with the size and sha256 its manifest lists.
+pub async fn verify_parts(root: &StoreRoot, manifest: &CheckpointManifest) -> Result<Option<String>> {
+    use sha2::{Digest, Sha256};
+    for part in &manifest.parts {
+        let url = root.url_of(&part.path);
+        let Some(bytes) = root.get(&part.path).await? else {
+            return Ok(Some(format!("part {url} is missing")));
+        };
+        if bytes.len() as u64 != part.size {
+            return Ok(Some(format!("part {url} has {} bytes, the manifest says {}", bytes.len(), part.size)));
+        }
+        let digest = hex::encode(Sha256::digest(&bytes));
+        if digest != part.sha256 {
+            return Ok(Some(format!("part {url} is corrupt: sha256 {digest}, the manifest says {}", part.sha256)));
+        }
+    }
+    Ok(None)
+}
+
+/// The newest committed checkpoint whose parts all verify, trying every committed step newest
+/// first (a manifest is written only after every part was checked, so one newer than `latest`
+/// is complete: the coordinator stopped before moving `latest`). A checkpoint that fails (torn or unreadable
+/// manifest, missing or corrupt part) is logged with the bad file and set aside: its manifest
+/// is renamed `manifest.bad-<unix time>.json`, so the step can be committed again and nothing
+/// is deleted. `latest` is pointed at the checkpoint chosen.
+pub async fn find_resumable(root: &StoreRoot) -> Result<Option<(CheckpointManifest, CommittedCheckpoint)>> {
+    let mut steps: Vec<u64> = root.folders("").await?.iter().filter_map(|f| parse_step_dir(f)).collect();
+    steps.sort_unstable_by(|a, b| b.cmp(a));
+    let pointed = match root.get(LATEST).await? {
+        Some(bytes) => parse_step_dir(String::from_utf8_lossy(&bytes).trim().trim_end_matches("/manifest.json")),
+        None => None,
+    };
+    for step in steps {
+        let rel = manifest_path(step);
+        let url = root.url_of(&rel);
+        let Some(bytes) = root.get(&rel).await? else { continue };
+        let problem = match parse_manifest(&bytes, &url) {
+            Ok(manifest) => match verify_parts(root, &manifest).await? {
+                None => {
+                    if pointed != Some(step) {
+                        tracing::warn!("resuming from {url}; pointing {} at it", root.url_of(LATEST));
+                        write_latest(root, step).await?;
+                    }
+                    let committed = CommittedCheckpoint {
+                        step: manifest.step,
+                        attempt: manifest.attempt.clone(),
+                        generation: manifest.generation,
+                        manifest_url: url,
+                    };
+                    return Ok(Some((manifest, committed)));
+                }
+                Some(problem) => problem,
+            },
+            Err(e) => e.to_string(),
+        };
+        let aside = format!("{}/manifest.bad-{}.json", step_dir(step), unix_seconds());
+        tracing::error!("checkpoint step {step} cannot be resumed from: {problem}; falling back to the previous checkpoint (its manifest moves to {})", root.url_of(&aside));
+        root.store()
+            .rename(&root.path(&rel), &root.path(&aside))
+            .await
+            .map_err(|source| Error::Store { url: url.clone(), source })?;
+    }
+    Ok(None)
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Keeps the newest `keep` committed checkpoints (step folders holding a manifest) and deletes

@@ -9,6 +9,7 @@ pub mod client;
 pub mod commit;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod manifest;
 pub mod plan;
 pub mod server;

@@ -34,7 +34,7 @@ pub async fn prepare(config: JobConfig) -> Result<CoordinatorService> {
     let dataset = DatasetManifest::from_json(&manifest_bytes, &config.data.train)?;
     let root = config.checkpoint.url.as_deref().map(store::open).transpose()?;
     let resume = match (&root, config.checkpoint.resume) {
-        (Some(root), true) => commit::read_latest(root).await?,
+        (Some(root), true) => commit::find_resumable(root).await?,
         _ => None,
     };
     let nonce = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();

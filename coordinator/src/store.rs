@@ -233,7 +233,9 @@ fn scrub_error(source: object_store::Error, secrets: &[String]) -> object_store:
     let scrub = |t: String| secrets.iter().fold(t, |t, s| t.replace(s.as_str(), REDACTED));
     let reason: Box<dyn std::error::Error + Send + Sync> = scrub(source.to_string()).into();
     match source {
-        object_store::Error::NotFound { path, .. } => object_store::Error::NotFound { path: scrub(path), source: reason },
+        object_store::Error::NotFound { path, .. } => {
+            object_store::Error::NotFound { path: scrub(path), source: reason }
+        }
         object_store::Error::AlreadyExists { path, .. } => {
             object_store::Error::AlreadyExists { path: scrub(path), source: reason }
         }
@@ -435,10 +437,9 @@ pub fn open(url: &str) -> Result<StoreRoot> {
     let parsed = parse_location(url.trim_end_matches('/'))?;
     let (store, prefix) = connect(&parsed)?;
     let local_dir = if parsed.scheme() == "file" {
-        let dir = parsed.to_file_path().map_err(|()| Error::BadUrl {
-            url: url.to_string(),
-            reason: "not an absolute local file URL".into(),
-        })?;
+        let dir = parsed
+            .to_file_path()
+            .map_err(|()| Error::BadUrl { url: url.to_string(), reason: "not an absolute local file URL".into() })?;
         std::fs::create_dir_all(&dir).map_err(|e| Error::BadUrl {
             url: url.to_string(),
             reason: format!("cannot create folder {}: {e}", dir.display()),
@@ -641,7 +642,8 @@ mod tests {
                 ..Default::default()
             });
         let url = Url::parse("s3://bucket/ckpt/latest").unwrap();
-        let location = Location { url: url.clone(), store: s3_store(&url, builder).unwrap(), path: "ckpt/latest".into() };
+        let location =
+            Location { url: url.clone(), store: s3_store(&url, builder).unwrap(), path: "ckpt/latest".into() };
         let shown = format!("{location} {location:?}");
         assert!(!shown.contains(SECRET) && shown.contains("s3://bucket/ckpt/latest"), "{shown}");
         let err = location.read_all().await.unwrap_err();
@@ -660,7 +662,9 @@ mod tests {
         let text = format!("{scrubbed} {scrubbed:?}");
         assert!(!text.contains(SECRET) && text.contains("signature *** rejected"), "{text}");
         let missing = object_store::Error::NotFound { path: format!("x/{SECRET}"), source: "gone".into() };
-        assert!(matches!(scrub_error(missing, &secrets), object_store::Error::NotFound { path, .. } if path == "x/***"));
+        assert!(
+            matches!(scrub_error(missing, &secrets), object_store::Error::NotFound { path, .. } if path == "x/***")
+        );
         let clean = object_store::Error::NotFound { path: "x".into(), source: "gone".into() };
         assert!(matches!(scrub_error(clean, &secrets), object_store::Error::NotFound { .. }));
     }

@@ -358,3 +358,212 @@ pub fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
     let scale = a.abs().max().double_value(&[]).max(1e-30);
     diff / scale
 }
+
+/// An S3-compatible server (moto, from the venv that `scripts/setup.sh --test` fills) on a free
+/// port of 127.0.0.1; killed when dropped.
+#[derive(Debug)]
+pub struct MotoServer {
+    process: KillOnDrop,
+    port: u16,
+    log: PathBuf,
+}
+
+impl MotoServer {
+    /// Starts the server, logging into `log`, and waits until it accepts connections.
+    pub fn start(log: &Path) -> Self {
+        let port = free_port();
+        let log_file = std::fs::File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let mut command = Command::new(venv_python());
+        command
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("clone the log file"))
+            .stderr(log_file);
+        let child =
+            command.spawn().unwrap_or_else(|e| panic!("starting {command:?}: {e} (run scripts/setup.sh --test)"));
+        let mut server = Self { process: KillOnDrop(child), port, log: log.to_path_buf() };
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = server.process.0.try_wait().expect("waiting for moto") {
+                panic!(
+                    "the moto server exited with {status} (is moto[server] installed? run scripts/setup.sh --test):\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the moto server did not listen on port {port} in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// The server's log so far: one line per request it answered.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates `bucket` with a plain `PUT /<bucket>` (the server does not check signatures).
+    pub fn create_bucket(&self, bucket: &str) {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to moto");
+        write!(
+            stream,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .expect("send PUT bucket");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).expect("read the PUT bucket reply");
+        let status = reply.lines().next().unwrap_or_default();
+        assert!(status.contains(" 200 "), "creating bucket {bucket}: {status}\n{reply}");
+    }
+
+    /// The `AWS_*` settings of a client of this server, with the given secret key.
+    pub fn client_env(&self, secret_access_key: &str) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", secret_access_key.to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+/// A `braid run` started in its own process group (with its workers), so the whole job can be
+/// killed at once; the group is killed when this value is dropped.
+#[derive(Debug)]
+pub struct BraidRunProcess {
+    child: Child,
+    shown: String,
+    started: Instant,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// Starts `braid run JOB --workers N --json --log-dir LOG_DIR` with `env` added to its
+/// environment (its workers inherit it), in a new process group.
+pub fn spawn_braid_run(job: &Path, workers: usize, log_dir: &Path, env: &[(String, String)]) -> BraidRunProcess {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = Command::new(braid_bin());
+    command
+        .arg("run")
+        .arg(job)
+        .args(["--workers", &workers.to_string(), "--json", "--log-dir"])
+        .arg(log_dir)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let shown = format!("braid run {} --workers {workers}", job.display());
+    let started = Instant::now();
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {shown}: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = Some(drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)));
+    let stderr = Some(drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)));
+    BraidRunProcess { child, shown, started, stdout, stderr }
+}
+
+/// The ids of the live (not zombie) processes in process group `group`, from `/proc`.
+pub fn processes_in_group(group: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+            // Fields after the parenthesised command name: state, ppid, pgrp, ...
+            let fields: Vec<&str> =
+                stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+            fields.len() > 2 && fields[0] != "Z" && fields[2] == group.to_string()
+        })
+        .collect()
+}
+
+impl BraidRunProcess {
+    /// The process id of `braid run`, which is also its process group's id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True once `braid run` has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().expect("waiting for braid run").is_some()
+    }
+
+    /// kill -9 of `braid run` and every process of its group (the workers); waits until none is
+    /// left. Returns what `braid run` had printed.
+    pub fn kill_group(mut self) -> BraidOutput {
+        self.kill_and_reap();
+        self.collect()
+    }
+
+    fn kill_and_reap(&mut self) {
+        let group = self.child.id();
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let started = Instant::now();
+        loop {
+            let left = processes_in_group(group);
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "processes {left:?} of group {group} outlived kill -9"
+            );
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).status();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn collect(&mut self) -> BraidOutput {
+        let status = self.child.wait().expect("waiting for braid run");
+        BraidOutput {
+            status,
+            stdout: self.stdout.take().map(|t| t.join().unwrap_or_default()).unwrap_or_default(),
+            stderr: self.stderr.take().map(|t| t.join().unwrap_or_default()).unwrap_or_default(),
+            elapsed: self.started.elapsed(),
+        }
+    }
+
+    /// Waits for `braid run` to exit; kills the group and panics after `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> BraidOutput {
+        while !self.has_exited() {
+            if self.started.elapsed() > timeout {
+                self.kill_and_reap();
+                let out = self.collect();
+                panic!("{} still running after {timeout:?}; killed it\n{}", self.shown, out.text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.collect()
+    }
+}
+
+impl Drop for BraidRunProcess {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.child.id())]).status();
+            let _ = self.child.wait();
+        }
+    }
+}

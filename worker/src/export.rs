@@ -142,7 +142,9 @@ pub fn resolve_checkpoint(location: &str) -> Result<CheckpointRef> {
     let checkpoints = CheckpointStore::open(text)?;
     match checkpoints.latest()? {
         Some(manifest) => Ok(CheckpointRef { root: text.to_string(), manifest }),
-        None if local_folder(&url).is_some_and(|dir| !dir.is_dir()) => Err(ExportError::NoRoot { url: text.to_string() }),
+        None if local_folder(&url).is_some_and(|dir| !dir.is_dir()) => {
+            Err(ExportError::NoRoot { url: text.to_string() })
+        }
         None => Err(ExportError::NothingCommitted { url: text.to_string() }),
     }
 }
@@ -227,9 +229,17 @@ pub fn clip_key_map(config: &ClipConfig) -> Vec<KeyMapping> {
 
     let t = &config.text;
     let tw = t.transformer.width;
-    add("positional_embedding".into(), vec![t.context_length, tw], same("text_model.embeddings.position_embedding.weight".into()));
+    add(
+        "positional_embedding".into(),
+        vec![t.context_length, tw],
+        same("text_model.embeddings.position_embedding.weight".into()),
+    );
     add("text_projection".into(), vec![tw, t.output_dim], HfTarget::Transposed("text_projection.weight".into()));
-    add("token_embedding.weight".into(), vec![t.vocab_size, tw], same("text_model.embeddings.token_embedding.weight".into()));
+    add(
+        "token_embedding.weight".into(),
+        vec![t.vocab_size, tw],
+        same("text_model.embeddings.token_embedding.weight".into()),
+    );
     blocks("transformer", "text_model.encoder", &t.transformer, &mut add);
     for p in ["weight", "bias"] {
         add(format!("ln_final.{p}"), vec![tw], same(format!("text_model.final_layer_norm.{p}")));
@@ -597,9 +607,8 @@ fn folders_below(root: &Url) -> Result<Vec<String>> {
 fn read_committed_manifest(root: &str, manifest: &str) -> Result<CommittedManifest> {
     let location = store::open(&format!("{root}/{manifest}"))?;
     let bytes = store::block_on(location.read_all())??;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        CheckpointError::Manifest { path: location.url().to_string(), reason: e.to_string() }.into()
-    })
+    serde_json::from_slice(&bytes)
+        .map_err(|e| CheckpointError::Manifest { path: location.url().to_string(), reason: e.to_string() }.into())
 }
 
 /// Lists the committed checkpoints under a root (a path or `file://` URL), oldest first.
@@ -610,7 +619,12 @@ pub fn list_checkpoints(root: &str) -> Result<CheckpointListing> {
         folders_below(&url)?.into_iter().filter_map(|f| parse_step_dir(&f).map(|s| (s, f))).collect();
     steps.sort_unstable();
     let latest = CheckpointStore::open(&text)?.latest()?;
-    let mut listing = CheckpointListing { root: text.clone(), latest: latest.clone(), checkpoints: Vec::new(), uncommitted_steps: Vec::new() };
+    let mut listing = CheckpointListing {
+        root: text.clone(),
+        latest: latest.clone(),
+        checkpoints: Vec::new(),
+        uncommitted_steps: Vec::new(),
+    };
     for (step, folder) in steps {
         let manifest = format!("{folder}/manifest.json");
         match read_committed_manifest(&text, &manifest) {
@@ -713,7 +727,12 @@ mod tests {
             }
         }
         let err = check_weights(&weights, &config, "file:///w.safetensors").unwrap_err().to_string();
-        for needle in ["file:///w.safetensors", "missing \"logit_scale\"", "unexpected \"logit_bias\"", "\"visual.proj\" has shape [64, 32]"] {
+        for needle in [
+            "file:///w.safetensors",
+            "missing \"logit_scale\"",
+            "unexpected \"logit_bias\"",
+            "\"visual.proj\" has shape [64, 32]",
+        ] {
             assert!(err.contains(needle), "{needle} not in {err}");
         }
     }
@@ -722,7 +741,10 @@ mod tests {
     fn hf_config_describes_the_towers_and_clip_bpe_tokens() {
         let config = tiny(Activation::QuickGelu);
         let tokens = SpecialTokens::of(&ClipBpe::new(), 32);
-        assert_eq!(tokens, SpecialTokens { bos_token_id: Some(49406), eos_token_id: Some(49407), pad_token_id: Some(0) });
+        assert_eq!(
+            tokens,
+            SpecialTokens { bos_token_id: Some(49406), eos_token_id: Some(49407), pad_token_id: Some(0) }
+        );
         assert_eq!(hf_text_pooling_warning(&tokens, 49408), None);
         let c = hf_config(&config, &tokens);
         assert_eq!(c["projection_dim"], 64);
@@ -771,16 +793,25 @@ mod tests {
         assert_eq!(got.manifest, "step-000009/manifest.json");
         assert!(got.root.starts_with("file://") && got.root.ends_with("/ckpt"), "{}", got.root);
         let by_manifest = resolve_checkpoint(&format!("{root_s}/step-000004/manifest.json")).unwrap();
-        assert_eq!((by_manifest.root.as_str(), by_manifest.manifest.as_str()), (got.root.as_str(), "step-000004/manifest.json"));
+        assert_eq!(
+            (by_manifest.root.as_str(), by_manifest.manifest.as_str()),
+            (got.root.as_str(), "step-000004/manifest.json")
+        );
         let by_folder = resolve_checkpoint(&format!("{}/step-000004/", got.root)).unwrap();
         assert_eq!(by_folder, by_manifest);
 
         let listing = list_checkpoints(root_s).unwrap();
         assert_eq!(listing.latest.as_deref(), Some("step-000009/manifest.json"));
-        assert_eq!(listing.checkpoints.iter().map(|c| (c.step, c.bytes, c.latest)).collect::<Vec<_>>(), [(4, 100, false), (9, 250, true)]);
+        assert_eq!(
+            listing.checkpoints.iter().map(|c| (c.step, c.bytes, c.latest)).collect::<Vec<_>>(),
+            [(4, 100, false), (9, 250, true)]
+        );
         assert_eq!(listing.uncommitted_steps, [14]);
         let (reference, manifest) = show_checkpoint(root_s).unwrap();
-        assert_eq!((reference.manifest.as_str(), manifest.step, manifest.generation), ("step-000009/manifest.json", 9, 3));
+        assert_eq!(
+            (reference.manifest.as_str(), manifest.step, manifest.generation),
+            ("step-000009/manifest.json", 9, 3)
+        );
         let err = show_checkpoint(&format!("{root_s}/step-000014")).unwrap_err().to_string();
         assert!(err.contains("step-000014/manifest.json"), "{err}");
     }

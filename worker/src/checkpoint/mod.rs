@@ -141,6 +141,12 @@ impl CheckpointStore {
         let bytes = to_safetensors(tensors)?;
         let info = PartInfo { sha256: sha256_hex(&bytes), size: bytes.len() as u64, path: path.clone(), rank: rank as u32 };
         let location = self.at(&path)?;
+        if braid_coordinator::failpoint::armed("part-upload", step) {
+            // A torn upload: half the bytes reach the store, then the process dies.
+            let half = Bytes::from(bytes[..bytes.len() / 2].to_vec());
+            store::block_on(location.put(half))??;
+            braid_coordinator::failpoint::crash("part-upload", step);
+        }
         store::block_on(location.put(Bytes::from(bytes)))??;
         Ok(info)
     }

@@ -96,6 +96,7 @@ impl Checkpointer {
             if let Ok(part) = &result {
                 tracing::info!(step, bytes = part.size, seconds = took.as_secs_f64(), "checkpoint part uploaded");
             }
+            braid_coordinator::failpoint::hit("before-vote", step);
             vote(&client, &runtime, generation, step, &attempt_name, rank, result.map(Some).map_err(|e| e.to_string()));
         });
         let queued = self.uploader.submit(step, attempt, rank, tensors, then);

@@ -41,7 +41,10 @@ pub fn dispatch(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!("{}", listing.root);
-            println!("{:>10}  {:<36}  {:<20}  {:>12}  {:>5}  {:>10}", "step", "attempt", "committed_at", "bytes", "world", "generation");
+            println!(
+                "{:>10}  {:<36}  {:<20}  {:>12}  {:>5}  {:>10}",
+                "step", "attempt", "committed_at", "bytes", "world", "generation"
+            );
             for c in &listing.checkpoints {
                 println!(
                     "{:>10}  {:<36}  {:<20}  {:>12}  {:>5}  {:>10}{}",

@@ -53,7 +53,10 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("exported step {} of {} ({} layout, {} tensors):", report.step, report.checkpoint, report.format, report.tensors);
+        println!(
+            "exported step {} of {} ({} layout, {} tensors):",
+            report.step, report.checkpoint, report.format, report.tensors
+        );
         for file in &report.files {
             println!("  {} ({} bytes)", file.url, file.bytes);
         }
