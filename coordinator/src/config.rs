@@ -68,7 +68,8 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Training manifest: a path or URL (`file://`) of the `manifest.json` written by `braid data index`.
+    /// Training manifest written by `braid data index`: a path or a `file://`, `s3://`, `gs://`
+    /// or `az://` URL.
     pub train: String,
     /// Held-out manifest for `braid eval` and the end-of-run evaluation. Optional.
     #[serde(default)]
@@ -176,7 +177,8 @@ pub struct ClusterSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSection {
-    /// Where checkpoints go (a path or `file://` URL). Default: none (no checkpoints).
+    /// Where checkpoints go: a path or a `file://`, `s3://`, `gs://` or `az://` URL (credentials
+    /// from the usual environment variables). Default: none (no checkpoints).
     #[serde(default)]
     pub url: Option<String>,
     /// Checkpoint every N steps; 0 = only at the end. Default 0.
@@ -380,8 +382,9 @@ impl JobConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config { origin: origin.clone(), problems: vec![format!("cannot read: {e}")] })?;
         let mut config = Self::parse(&text, &origin)?;
-        let base = path.parent().unwrap_or_else(|| Path::new("."));
-        config.resolve_paths(base);
+        let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
+        let base = std::path::absolute(folder).unwrap_or_else(|_| folder.to_path_buf());
+        config.resolve_paths(&base);
         config.validate(&origin)?;
         Ok(config)
     }

@@ -257,6 +257,33 @@ async fn write_object(store: &dyn ObjectStore, path: &ObjectPath, data: Bytes) -
     write_object_with(store, path, data, MULTIPART_THRESHOLD, PART_SIZE).await
 }
 
+/// Writes the concatenation of `chunks` to `path` without joining them in memory: one put up
+/// to [`MULTIPART_THRESHOLD`] bytes in all, otherwise a multipart upload that takes the chunks
+/// as they are (zero-copy) and sends [`PART_SIZE`] parts.
+async fn write_chunks(store: &dyn ObjectStore, path: &ObjectPath, chunks: Vec<Bytes>) -> object_store::Result<()> {
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    if total <= MULTIPART_THRESHOLD {
+        store.put(path, PutPayload::from_iter(chunks)).await?;
+        return Ok(());
+    }
+    let mut upload = WriteMultipart::new_with_chunk_size(store.put_multipart(path).await?, PART_SIZE);
+    for chunk in chunks {
+        for start in (0..chunk.len()).step_by(PART_SIZE) {
+            if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                let _ = upload.abort().await;
+                return Err(e);
+            }
+            upload.put(chunk.slice(start..(start + PART_SIZE).min(chunk.len())));
+        }
+    }
+    if let Err(e) = upload.wait_for_capacity(0).await {
+        let _ = upload.abort().await;
+        return Err(e);
+    }
+    upload.finish().await?;
+    Ok(())
+}
+
 async fn write_object_with(
     store: &dyn ObjectStore,
     path: &ObjectPath,
@@ -381,6 +408,11 @@ impl Location {
     /// Writes the whole object, replacing what was there; large objects go up in parts.
     pub async fn put(&self, data: impl Into<Bytes>) -> Result<()> {
         write_object(self.store.as_ref(), &self.path, data.into()).await.map_err(|e| self.err(e))
+    }
+
+    /// Writes the object as the concatenation of `chunks`, without joining them in memory.
+    pub async fn put_chunks(&self, chunks: Vec<Bytes>) -> Result<()> {
+        write_chunks(self.store.as_ref(), &self.path, chunks).await.map_err(|e| self.err(e))
     }
 
     /// Writes the object only if it does not exist yet; `Ok(false)` when it already existed.
@@ -602,6 +634,9 @@ mod tests {
         assert!(Arc::ptr_eq(s3.store(), part.store()), "a join inside one bucket shares the store");
         let gs = Location::open("gs://bucket/data/manifest.json").unwrap();
         assert_eq!(gs.path().as_ref(), "data/manifest.json");
+        if let Err(err) = Location::open("az://container/data/manifest.json") {
+            assert!(err.to_string().contains("az://container/data/manifest.json"), "{err}");
+        }
         let err = Location::open("s3:///no-bucket").unwrap_err().to_string();
         assert!(err.contains("needs a bucket"), "{err}");
     }

@@ -56,6 +56,11 @@ fn header(worker: &str) -> Option<Header> {
     Some(Header { job_id: JOB.into(), protocol_version: PROTOCOL_VERSION, worker_id: worker.into() })
 }
 
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
 /// Writes rank `rank`'s part of a checkpoint attempt and returns its vote.
 fn write_part(ckpt: &Path, generation: u64, step: u64, attempt: &str, rank: u32) -> CheckpointVote {
     let rel = format!("step-{step:06}/attempt-{attempt}/rank-{rank}.safetensors");
@@ -71,7 +76,7 @@ fn write_part(ckpt: &Path, generation: u64, step: u64, attempt: &str, rank: u32)
         rank,
         ok: true,
         error: String::new(),
-        parts: vec![CheckpointPart { path: rel, sha256: "ab".repeat(32), size: data.len() as u64 }],
+        parts: vec![CheckpointPart { path: rel, sha256: sha256_hex(&data), size: data.len() as u64 }],
     }
 }
 

@@ -385,7 +385,7 @@ fn every_yes_vote_commits_and_moves_the_cursor() {
     assert_eq!(plan.parts[1].size, 101);
     assert_eq!(plan.job, JOB);
 
-    s.c.commit_succeeded(plan, "/ckpt/step-000004/manifest.json".into());
+    s.c.commit_succeeded(s.at(0.0), plan, "/ckpt/step-000004/manifest.json".into());
     assert_eq!(s.c.cursor(), 5);
     assert!(s.vote(8.0, &ids[0], 0, 4, "g1-n0nce-4", true).unwrap(), "a late vote sees the commit");
     let dp = s.plan(8.0, &ids[1], 1);
@@ -476,7 +476,7 @@ fn with_checkpoints_the_job_also_waits_for_the_final_commit() {
     assert!(!s.c.progress().finished);
     s.vote(7.0, &id, 0, 9, "last", true).unwrap();
     let plan = s.commits().remove(0);
-    s.c.commit_succeeded(&plan, "/ckpt/step-000009/manifest.json".into());
+    s.c.commit_succeeded(s.at(0.0), &plan, "/ckpt/step-000009/manifest.json".into());
     assert!(s.c.progress().finished);
     assert!(s.c.is_over());
 }
@@ -584,4 +584,87 @@ fn ranks_may_vote_yes_without_parts_but_an_attempt_needs_one() {
     s.c.checkpoint_vote(s.at(2.0), &empty(&ids[0], 0, "b")).unwrap();
     s.c.checkpoint_vote(s.at(2.0), &empty(&ids[1], 1, "b")).unwrap();
     assert!(s.commits().is_empty(), "no rank wrote anything: aborted");
+}
+
+fn ask(s: &mut Sim, t: f64, stop_after: bool) -> Option<u64> {
+    let req = braid_proto::CheckpointRequest { header: header(""), reason: "operator".into(), stop_after };
+    s.c.request_checkpoint(s.at(t), &req).unwrap().step
+}
+
+#[test]
+fn a_requested_checkpoint_is_scheduled_one_step_after_the_next_report() {
+    let mut s = Sim::new(with_checkpoints(2, 2));
+    let ids = s.formed(0.0, 2);
+    for id in &ids {
+        s.plan(5.0, id, 1);
+    }
+    s.step(6.0, &ids[0], 1, 0);
+    assert_eq!(ask(&mut s, 6.5, false), None, "not fixed until a rank reports");
+    // Rank 1 reports step 0 after the request: the checkpoint is fixed at step 1, which no
+    // rank can finish before every rank reported step 0.
+    let reply = s.step(7.0, &ids[1], 1, 0);
+    assert_eq!(reply.checkpoint_step, Some(1));
+    assert!(!reply.stop_after_checkpoint);
+    for id in &ids {
+        assert_eq!(s.step(8.0, id, 1, 1).checkpoint_step, Some(1), "every rank learns it by its report of step 1");
+    }
+    s.vote(8.5, &ids[1], 1, 1, "a", true).unwrap();
+    s.vote(8.6, &ids[0], 0, 1, "a", true).unwrap();
+    let plan = s.commits().remove(0);
+    s.c.commit_succeeded(s.at(9.0), &plan, "/ckpt/step-000001/manifest.json".into());
+    assert_eq!(s.step(10.0, &ids[0], 1, 2).checkpoint_step, None, "done once committed");
+    assert!(!s.c.is_over());
+}
+
+#[test]
+fn a_preemption_stops_the_job_after_its_checkpoint_commits() {
+    let mut s = Sim::new(with_checkpoints(1, 1));
+    let id = s.formed(0.0, 1).remove(0);
+    s.plan(5.0, &id, 1);
+    assert_eq!(ask(&mut s, 5.5, true), None);
+    let reply = s.step(6.0, &id, 1, 3);
+    assert_eq!((reply.checkpoint_step, reply.stop_after_checkpoint), (Some(4), true));
+    s.step(7.0, &id, 1, 4);
+    s.vote(7.5, &id, 0, 4, "p", true).unwrap();
+    assert!(!s.c.is_over(), "not before the commit");
+    let plan = s.commits().remove(0);
+    s.c.commit_succeeded(s.at(8.0), &plan, "/ckpt/step-000004/manifest.json".into());
+    let p = s.c.progress();
+    assert_eq!(p.preempted_after, Some(4));
+    assert!(p.is_over() && !p.finished && p.failure.is_none());
+    assert!(s.beat(9.0, &id).job_finished, "workers are told to exit");
+}
+
+#[test]
+fn an_aborted_preemption_checkpoint_fails_the_job() {
+    let mut s = Sim::new(with_checkpoints(1, 1));
+    let id = s.formed(0.0, 1).remove(0);
+    s.plan(5.0, &id, 1);
+    ask(&mut s, 5.5, true);
+    s.step(6.0, &id, 1, 2);
+    s.step(7.0, &id, 1, 3);
+    s.vote(7.5, &id, 0, 3, "p", false).unwrap();
+    let failure = s.c.progress().failure.expect("the job failed");
+    assert!(failure.contains("step 3"), "{failure}");
+}
+
+#[test]
+fn every_minutes_asks_for_a_checkpoint_on_the_fake_clock() {
+    let mut c = with_checkpoints(1, 1);
+    c.checkpoint.every_minutes = 1.0;
+    let mut s = Sim::new(c);
+    let id = s.formed(0.0, 1).remove(0);
+    s.plan(5.0, &id, 1);
+    s.c.tick(s.at(30.0));
+    assert_eq!(s.step(31.0, &id, 1, 0).checkpoint_step, None, "not due after 31 s");
+    s.c.tick(s.at(61.0));
+    assert_eq!(s.step(62.0, &id, 1, 1).checkpoint_step, Some(2), "due after a minute");
+}
+
+#[test]
+fn a_checkpoint_request_without_a_checkpoint_url_is_refused() {
+    let mut s = Sim::new(config(1, 1, ""));
+    let req = braid_proto::CheckpointRequest { header: header(""), reason: "operator".into(), stop_after: false };
+    let err = s.c.request_checkpoint(s.at(1.0), &req).unwrap_err();
+    assert!(err.to_string().contains("checkpoint.url"), "{err}");
 }

@@ -482,6 +482,39 @@ pub fn spawn_braid_run(job: &Path, workers: usize, log_dir: &Path, env: &[(Strin
     BraidRunProcess { child, shown, started, stdout, stderr }
 }
 
+/// Starts `braid ARGS` with `env` added to its environment, in a new process group (like
+/// [`spawn_braid_run`], for runs with other options, e.g. without `--json`).
+pub fn spawn_braid<I, S>(args: I, env: &[(String, String)]) -> BraidRunProcess
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    use std::os::unix::process::CommandExt as _;
+    let mut command = Command::new(braid_bin());
+    command
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let shown = format!("{command:?}");
+    let started = Instant::now();
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {shown}: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = Some(drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)));
+    let stderr = Some(drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)));
+    BraidRunProcess { child, shown, started, stdout, stderr }
+}
+
 /// The ids of the live (not zombie) processes in process group `group`, from `/proc`.
 pub fn processes_in_group(group: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -566,4 +599,96 @@ impl Drop for BraidRunProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+impl BraidRunProcess {
+    /// Waits until `braid run` and every other process of its group (its workers) have exited;
+    /// kills the group and panics after `timeout`. Returns what `braid run` printed.
+    pub fn wait_for_group(mut self, timeout: Duration) -> BraidOutput {
+        let group = self.child.id();
+        while !self.has_exited() || !processes_in_group(group).is_empty() {
+            if self.started.elapsed() > timeout {
+                let left = processes_in_group(group);
+                self.kill_and_reap();
+                let out = self.collect();
+                panic!(
+                    "{} or its processes {left:?} still running after {timeout:?}; killed them\n{}",
+                    self.shown,
+                    out.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.collect()
+    }
+}
+
+/// Checks that the checkpoint whose manifest is `manifest` (relative to `root`) is complete: the
+/// manifest parses as JSON with a `step` and a non-empty `parts` list, and every part exists
+/// with the size and sha256 the manifest lists. Returns the manifest, or what is wrong with it.
+pub fn verify_checkpoint(root: &Path, manifest: &str) -> Result<serde_json::Value, String> {
+    use sha2::{Digest, Sha256};
+    let path = root.join(manifest);
+    let text = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    json["step"].as_u64().ok_or_else(|| format!("{} has no step", path.display()))?;
+    let parts = json["parts"].as_array().filter(|p| !p.is_empty());
+    let parts = parts.ok_or_else(|| format!("{} lists no parts", path.display()))?;
+    for part in parts {
+        let rel = part["path"].as_str().ok_or_else(|| format!("{}: a part without a path", path.display()))?;
+        let part_path = root.join(rel);
+        let bytes = std::fs::read(&part_path).map_err(|e| format!("part {}: {e}", part_path.display()))?;
+        let size = part["size"].as_u64();
+        if size != Some(bytes.len() as u64) {
+            return Err(format!("part {} has {} bytes, the manifest says {size:?}", part_path.display(), bytes.len()));
+        }
+        let digest = hex::encode(Sha256::digest(&bytes));
+        if part["sha256"].as_str() != Some(digest.as_str()) {
+            return Err(format!(
+                "part {} has sha256 {digest}, the manifest says {}",
+                part_path.display(),
+                part["sha256"]
+            ));
+        }
+    }
+    Ok(json)
+}
+
+/// A tensor's kind, shape and bytes: what a bitwise comparison looks at, and, unlike a
+/// `Tensor`, shareable between threads (a reference result kept in a `static`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorBits {
+    /// Element type.
+    pub kind: tch::Kind,
+    /// Shape.
+    pub shape: Vec<i64>,
+    /// The elements' bytes, in row-major order.
+    pub bytes: Vec<u8>,
+}
+
+impl TensorBits {
+    /// The bits of `tensor`.
+    pub fn of(tensor: &Tensor) -> Self {
+        let tensor = tensor.contiguous();
+        let numel = tensor.numel();
+        let mut bytes = vec![0u8; numel * tensor.kind().elt_size_in_bytes()];
+        tensor.copy_data_u8(&mut bytes, numel);
+        Self { kind: tensor.kind(), shape: tensor.size(), bytes }
+    }
+}
+
+/// The bits of the training state in `tensors`: every `model.*` and `optim.*` tensor, by name.
+pub fn state_bits(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, TensorBits> {
+    tensors
+        .iter()
+        .filter(|(name, _)| name.starts_with("model.") || name.starts_with("optim."))
+        .map(|(name, t)| (name.clone(), TensorBits::of(t)))
+        .collect()
+}
+
+/// The names whose bits differ between `a` and `b`, including names only one of them holds.
+pub fn differing_bits(a: &BTreeMap<String, TensorBits>, b: &BTreeMap<String, TensorBits>) -> Vec<String> {
+    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    names.into_iter().filter(|name| a.get(*name) != b.get(*name)).cloned().collect()
 }

@@ -241,7 +241,6 @@ fn checkpoint_commands_describe_a_root_and_name_missing_ones() {
 /// `[model] init_from` in a job: one step at a negligible learning rate keeps the model at the
 /// exported weights (and away from the job seed's own initialisation).
 #[test]
-#[ignore = "runs once the worker applies [model] init_from"]
 fn a_job_starts_from_init_from() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("checkpoints");

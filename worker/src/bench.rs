@@ -180,3 +180,104 @@ impl std::fmt::Display for BenchReport {
         Ok(())
     }
 }
+
+/// What `braid bench --checkpoint-to` measured: the time training is blocked per checkpoint
+/// with the asynchronous save against a synchronous save of the same state, and the upload
+/// throughput against a plain object-store put of the same bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointBenchReport {
+    /// Model preset whose state was saved.
+    pub preset: String,
+    /// Bytes of one checkpoint part (model, AdamW moments, step).
+    pub bytes: u64,
+    /// Median seconds training is blocked by a synchronous save (snapshot, serialise, upload).
+    pub sync_blocked_seconds: f64,
+    /// Median seconds training is blocked by the asynchronous save (the host snapshot).
+    pub async_blocked_seconds: f64,
+    /// `async_blocked_seconds / sync_blocked_seconds` (target: below 0.05).
+    pub blocked_ratio: f64,
+    /// Median seconds of the background upload (serialise and write).
+    pub upload_seconds: f64,
+    /// Median seconds of a plain `put` of the same bytes.
+    pub plain_put_seconds: f64,
+    /// Upload throughput over plain-put throughput (target: at least 0.8).
+    pub throughput_ratio: f64,
+}
+
+/// Benchmarks checkpoint saving of a preset's full training state to `url`, `rounds` times.
+pub fn run_checkpoint_bench(preset: &str, url: &str, rounds: usize) -> Result<CheckpointBenchReport, Box<dyn std::error::Error>> {
+    use crate::checkpoint::upload::{snapshot, Uploader};
+    use crate::checkpoint::{to_safetensors, CheckpointStore};
+    let text = format!("[job]\nname = \"bench\"\n[model]\npreset = \"{preset}\"\n[data]\ntrain = \"unused\"\n");
+    let config = JobConfig::parse(&text, "bench")?;
+    config.validate("bench options")?;
+    let trainer = ClipTrainer::new(&config, clip_config(&config, 49408)?, Device::Cpu)?;
+    let store = CheckpointStore::open(url)?;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (mut sync, mut blocked, mut upload, mut plain) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut bytes = 0;
+    let uploader = Uploader::new(store.clone());
+    // The first round allocates the host buffers; later rounds reuse them as training would.
+    for round in 0..rounds.max(1) + 1 {
+        let step = round as u64;
+        let t0 = Instant::now();
+        let part = store.write_part(step, &format!("sync-{round}"), 0, &snapshot(&trainer.state()))?;
+        sync.push(t0.elapsed().as_secs_f64());
+        bytes = part.size;
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t0 = Instant::now();
+        let state = uploader.snapshot(&trainer.state());
+        blocked.push(t0.elapsed().as_secs_f64());
+        let then = Box::new(move |result: crate::checkpoint::Result<crate::checkpoint::PartInfo>, took: std::time::Duration| {
+            let _ = tx.send((result.map(|p| p.size), took));
+        });
+        assert!(uploader.submit(step, &format!("async-{round}"), 0, state, then), "a fresh uploader is idle");
+        let (result, took) = rx.recv()?;
+        result?;
+        upload.push(took.as_secs_f64());
+
+        let payload = bytes::Bytes::from(to_safetensors(&trainer.state())?);
+        let location = crate::data::store::open(&format!("{}/step-{step:06}/plain-put.safetensors", store.url()))?;
+        let t0 = Instant::now();
+        crate::data::store::block_on(location.put(payload))??;
+        plain.push(t0.elapsed().as_secs_f64());
+    }
+    let skip_first = |v: Vec<f64>| v[1..].to_vec();
+    let (sync, blocked, upload, plain) =
+        (median(skip_first(sync)), median(skip_first(blocked)), median(skip_first(upload)), median(skip_first(plain)));
+    Ok(CheckpointBenchReport {
+        preset: preset.to_string(),
+        bytes,
+        sync_blocked_seconds: sync,
+        async_blocked_seconds: blocked,
+        blocked_ratio: blocked / sync,
+        upload_seconds: upload,
+        plain_put_seconds: plain,
+        throughput_ratio: plain / upload,
+    })
+}
+
+impl std::fmt::Display for CheckpointBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = self.bytes as f64 / 1e6;
+        writeln!(f, "checkpoint of CLIP {} state: {mb:.0} MB", self.preset)?;
+        writeln!(
+            f,
+            "training blocked per checkpoint: async {:.3} s vs synchronous {:.3} s ({:.1}%; target < 5%)",
+            self.async_blocked_seconds,
+            self.sync_blocked_seconds,
+            100.0 * self.blocked_ratio
+        )?;
+        write!(
+            f,
+            "upload throughput: {:.0} MB/s vs plain object-store put {:.0} MB/s ({:.0}%; target >= 80%)",
+            mb / self.upload_seconds,
+            mb / self.plain_put_seconds,
+            100.0 * self.throughput_ratio
+        )
+    }
+}

@@ -10,7 +10,7 @@
 //!   `config.json`, for `CLIPModel.from_pretrained(folder)`. open_clip's fused attention input
 //!   projection is split into `q_proj`, `k_proj` and `v_proj`, and the two output projections
 //!   (`x @ proj` in open_clip) become the transposed `nn.Linear` weights. The image tower
-//!   matches braid exactly. transformers pools the text tower at the first `eos_token_id`
+//!   computes what braid's does. transformers pools the text tower at the first `eos_token_id`
 //!   (written from the job's tokenizer), except when that id is 2, where it keeps its legacy rule
 //!   and pools at the largest id in the row (as do releases before 4.31); text embeddings
 //!   therefore agree in every case only for a tokenizer whose end token has the highest id,
@@ -18,14 +18,12 @@
 //!
 //! Tensors keep the checkpoint's kind (fp32 master weights for fp32 and bf16 jobs).
 //!
-//! Listing reads `step-*/manifest.json` below a root. Local roots (paths and `file://` URLs) are
-//! listed here with `object_store`'s delimiter listing; other schemes are read through the store
-//! layer ([`crate::data::store`]) and can be inspected by naming a step manifest.
+//! Listing reads `step-*/manifest.json` below a root, on any backend of the store layer
+//! ([`crate::data::store`]): the root's step folders come from a delimiter listing.
 
 use braid_coordinator::commit::CheckpointManifest as CommittedManifest;
 use braid_coordinator::config::JobConfig;
 use bytes::Bytes;
-use object_store::ObjectStore;
 use serde::Serialize;
 use tch::Tensor;
 use url::Url;
@@ -62,12 +60,6 @@ pub enum ExportError {
     /// The root exists but nothing was committed there.
     #[error("no committed checkpoint under {url}: it has no `latest`")]
     NothingCommitted {
-        /// The root's URL.
-        url: String,
-    },
-    /// A root whose folders cannot be listed.
-    #[error("cannot list {url}: listing checkpoint roots works on local paths and file:// URLs; name a step's manifest.json instead")]
-    Unlistable {
         /// The root's URL.
         url: String,
     },
@@ -586,20 +578,16 @@ pub struct CheckpointListing {
     pub uncommitted_steps: Vec<u64>,
 }
 
-/// Names of the folders directly below a local root.
+/// Names of the folders directly below a root, listed through the root's store.
 fn folders_below(root: &Url) -> Result<Vec<String>> {
-    let Some(dir) = local_folder(root) else {
-        store::open_url(root)?;
-        return Err(ExportError::Unlistable { url: root.to_string() });
-    };
     let url = root.as_str().trim_end_matches('/').to_string();
-    if !dir.is_dir() {
+    if local_folder(root).is_some_and(|dir| !dir.is_dir()) {
         return Err(ExportError::NoRoot { url });
     }
-    let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-        .map_err(|source| crate::data::Error::Store { url: url.clone(), source })?;
-    let listing = store::block_on(fs.list_with_delimiter(None))?
-        .map_err(|source| crate::data::Error::Store { url: url.clone(), source })?;
+    let location = store::open(&url)?;
+    let (objects, prefix) = (location.inner().store(), location.inner().path());
+    let listing =
+        store::block_on(objects.list_with_delimiter(Some(prefix)))?.map_err(|e| crate::data::Error::store(&url, e))?;
     Ok(listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect())
 }
 
@@ -611,7 +599,7 @@ fn read_committed_manifest(root: &str, manifest: &str) -> Result<CommittedManife
         .map_err(|e| CheckpointError::Manifest { path: location.url().to_string(), reason: e.to_string() }.into())
 }
 
-/// Lists the committed checkpoints under a root (a path or `file://` URL), oldest first.
+/// Lists the committed checkpoints under a root (a local path or a URL), oldest first.
 pub fn list_checkpoints(root: &str) -> Result<CheckpointListing> {
     let url = store::parse_location(root)?;
     let text = url.as_str().trim_end_matches('/').to_string();
@@ -814,6 +802,32 @@ mod tests {
         );
         let err = show_checkpoint(&format!("{root_s}/step-000014")).unwrap_err().to_string();
         assert!(err.contains("step-000014/manifest.json"), "{err}");
+    }
+
+    #[test]
+    fn remote_roots_are_listed_through_the_store() {
+        let root = "memory://export-listing/runs/ckpt";
+        let put = |rel: &str, bytes: Vec<u8>| {
+            let location = store::open(&format!("{root}/{rel}")).unwrap();
+            store::block_on(location.put(Bytes::from(bytes))).unwrap().unwrap();
+        };
+        let err = resolve_checkpoint(root).unwrap_err();
+        assert!(matches!(err, ExportError::NothingCommitted { .. }) && err.to_string().contains(root), "{err}");
+        for step in [19u64, 39] {
+            let dir = tempfile::tempdir().unwrap();
+            commit(dir.path(), step, 10 * step);
+            let rel = format!("step-{step:06}/manifest.json");
+            put(&rel, std::fs::read(dir.path().join(&rel)).unwrap());
+        }
+        put("step-000059/attempt-x/rank-0.safetensors", vec![0]);
+        put("latest", b"step-000039/manifest.json".to_vec());
+        let listing = list_checkpoints(root).unwrap();
+        assert_eq!(listing.root, root);
+        let got: Vec<(u64, u64, bool)> = listing.checkpoints.iter().map(|c| (c.step, c.bytes, c.latest)).collect();
+        assert_eq!(got, [(19, 190, false), (39, 390, true)]);
+        assert_eq!(listing.uncommitted_steps, [59]);
+        let (reference, manifest) = show_checkpoint(&format!("{root}/step-000019")).unwrap();
+        assert_eq!((reference.root.as_str(), manifest.step), (root, 19));
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub enum WorkerError {
     /// A checkpoint could not be written or read.
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// `[model] init_from` could not be loaded.
+    #[error(transparent)]
+    Init(#[from] crate::export::ExportError),
     /// The async runtime could not start.
     #[error("cannot start the async runtime")]
     Runtime(#[from] std::io::Error),
@@ -198,7 +201,12 @@ fn train(
     let checkpointer = checkpoints
         .clone()
         .map(|store| Checkpointer::new(store, client.clone(), runtime.handle().clone(), generation, rank));
-    if !plan_reply.resume_manifest_url.is_empty() {
+    if plan_reply.resume_manifest_url.is_empty() {
+        if let Some(init) = &config.model.init_from {
+            crate::export::init_from_open_clip(&mut trainer, init)?;
+            tracing::info!("initialised from {init}");
+        }
+    } else {
         let store = checkpoints.as_ref().ok_or_else(|| WorkerError::Protocol("resume without a checkpoint url".into()))?;
         let (manifest, tensors) = store.read_checkpoint(&plan_reply.resume_manifest_url)?;
         trainer.load_state(tensors, &plan_reply.resume_manifest_url)?;

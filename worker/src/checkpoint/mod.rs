@@ -100,21 +100,142 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Serialises named tensors to safetensors bytes (contiguous CPU copies).
+/// A contiguous CPU tensor seen as safetensors data.
+struct TensorView {
+    tensor: Tensor,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+}
+
+impl safetensors::View for &TensorView {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        // SAFETY: the tensor is a contiguous CPU tensor owned by `self` for this borrow; its
+        // storage holds exactly `data_len` bytes from `data_ptr`.
+        let bytes = unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.data_len()) };
+        std::borrow::Cow::Borrowed(bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
+    }
+}
+
+fn dtype_of(kind: tch::Kind) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype as D;
+    use tch::Kind as K;
+    Some(match kind {
+        K::Float => D::F32,
+        K::Double => D::F64,
+        K::BFloat16 => D::BF16,
+        K::Half => D::F16,
+        K::Int64 => D::I64,
+        K::Int => D::I32,
+        K::Int16 => D::I16,
+        K::Int8 => D::I8,
+        K::Uint8 => D::U8,
+        K::Bool => D::BOOL,
+        _ => return None,
+    })
+}
+
+fn kind_of(dtype: safetensors::Dtype) -> Option<tch::Kind> {
+    use safetensors::Dtype as D;
+    use tch::Kind as K;
+    Some(match dtype {
+        D::F32 => K::Float,
+        D::F64 => K::Double,
+        D::BF16 => K::BFloat16,
+        D::F16 => K::Half,
+        D::I64 => K::Int64,
+        D::I32 => K::Int,
+        D::I16 => K::Int16,
+        D::I8 => K::Int8,
+        D::U8 => K::Uint8,
+        D::BOOL => K::Bool,
+        _ => return None,
+    })
+}
+
+/// A contiguous CPU tensor's memory as `Bytes`, without a copy (the tensor is kept alive by
+/// the `Bytes`).
+struct TensorBytes(Tensor);
+
+impl AsRef<[u8]> for TensorBytes {
+    fn as_ref(&self) -> &[u8] {
+        let len = self.0.numel() * self.0.kind().elt_size_in_bytes();
+        // SAFETY: a contiguous CPU tensor owned by `self`; its storage holds `len` bytes.
+        unsafe { std::slice::from_raw_parts(self.0.data_ptr() as *const u8, len) }
+    }
+}
+
+/// A safetensors file as chunks: the header, then every tensor's bytes in header order.
+/// CPU tensors that are already contiguous are not copied.
+pub fn safetensors_chunks(tensors: &[(String, Tensor)]) -> Result<Vec<Bytes>> {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    let mut chunks = vec![Bytes::new()];
+    let mut offset = 0usize;
+    for (name, t) in sorted {
+        let dtype = dtype_of(t.kind()).ok_or_else(|| CheckpointError::Manifest {
+            path: name.clone(),
+            reason: format!("tensor kind {:?} has no safetensors dtype", t.kind()),
+        })?;
+        let host = t.detach().to_device(tch::Device::Cpu).contiguous();
+        let len = host.numel() * host.kind().elt_size_in_bytes();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": format!("{dtype:?}"), "shape": host.size(), "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+        chunks.push(Bytes::from_owner(TensorBytes(host)));
+    }
+    let mut json = serde_json::to_vec(&header).expect("a header always serialises");
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut head = (json.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(&json);
+    chunks[0] = Bytes::from(head);
+    Ok(chunks)
+}
+
+/// Serialises named tensors to safetensors bytes in memory (contiguous CPU copies where needed).
 pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let file = tempfile::NamedTempFile::new()?;
-    let cpu: Vec<(String, Tensor)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&cpu, file.path())
-        .map_err(|source| CheckpointError::Tensors { path: file.path().display().to_string(), source })?;
-    Ok(std::fs::read(file.path())?)
+    let views = tensors
+        .iter()
+        .map(|(name, t)| {
+            let dtype = dtype_of(t.kind()).ok_or_else(|| CheckpointError::Manifest {
+                path: name.clone(),
+                reason: format!("tensor kind {:?} has no safetensors dtype", t.kind()),
+            })?;
+            let tensor = t.detach().to_device(tch::Device::Cpu).contiguous();
+            let shape = tensor.size().iter().map(|&d| d as usize).collect();
+            Ok((name.clone(), TensorView { tensor, dtype, shape }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), &None)
+        .map_err(|e| CheckpointError::Manifest { path: "safetensors".into(), reason: format!("{e:?}") })
 }
 
 /// Parses safetensors bytes; `origin` names them in errors.
 pub fn from_safetensors(bytes: &[u8], origin: &str) -> Result<Vec<(String, Tensor)>> {
-    let file = tempfile::NamedTempFile::new()?;
-    std::fs::write(file.path(), bytes)?;
-    Tensor::read_safetensors(file.path()).map_err(|source| CheckpointError::Tensors { path: origin.to_string(), source })
+    let bad = |reason: String| CheckpointError::Corrupt { path: origin.to_string(), reason };
+    let parsed = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not safetensors: {e:?}")))?;
+    let mut out = Vec::with_capacity(parsed.len());
+    for (name, view) in parsed.tensors() {
+        let kind = kind_of(view.dtype()).ok_or_else(|| bad(format!("tensor {name:?} has unsupported dtype {:?}", view.dtype())))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|source| CheckpointError::Tensors { path: origin.to_string(), source })?;
+        out.push((name, tensor));
+    }
+    Ok(out)
 }
 
 impl CheckpointStore {
@@ -135,12 +256,31 @@ impl CheckpointStore {
         Ok(self.anchor.join(relative)?)
     }
 
-    /// Writes this rank's part of an attempt and returns what to report in the vote.
+    /// Writes this rank's part of an attempt and returns what to report in the vote. The
+    /// safetensors file is streamed from the tensors' memory (no serialised copy), hashed on a
+    /// second thread while it uploads.
     pub fn write_part(&self, step: u64, attempt: &str, rank: usize, tensors: &[(String, Tensor)]) -> Result<PartInfo> {
         let path = part_path(step, attempt, rank);
-        let bytes = to_safetensors(tensors)?;
-        let info = PartInfo { sha256: sha256_hex(&bytes), size: bytes.len() as u64, path: path.clone(), rank: rank as u32 };
         let location = self.at(&path)?;
+        let chunks = safetensors_chunks(tensors)?;
+        let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        if !braid_coordinator::failpoint::armed("part-upload", step) {
+            let (digest, uploaded) = std::thread::scope(|scope| {
+                let hashing = scope.spawn(|| {
+                    let mut hasher = Sha256::new();
+                    for chunk in &chunks {
+                        hasher.update(chunk);
+                    }
+                    hex::encode(hasher.finalize())
+                });
+                let uploaded = store::block_on(location.put_chunks(chunks.clone()));
+                (hashing.join().expect("the hashing thread does not panic"), uploaded)
+            });
+            uploaded??;
+            return Ok(PartInfo { sha256: digest, size, path, rank: rank as u32 });
+        }
+        let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        let info = PartInfo { sha256: sha256_hex(&bytes), size: bytes.len() as u64, path: path.clone(), rank: rank as u32 };
         if braid_coordinator::failpoint::armed("part-upload", step) {
             // A torn upload: half the bytes reach the store, then the process dies.
             let half = Bytes::from(bytes[..bytes.len() / 2].to_vec());

@@ -10,7 +10,7 @@ use braid_coordinator::client::CoordinatorClient;
 use braid_proto::{CheckpointPart, CheckpointVote};
 use tch::Tensor;
 
-use super::upload::{snapshot, Uploader};
+use super::upload::Uploader;
 use super::{CheckpointStore, PartInfo};
 
 /// Takes part in checkpoints for one rank of one generation.
@@ -88,7 +88,7 @@ impl Checkpointer {
             vote(&self.client, &self.runtime, self.generation, step, attempt, self.rank, Err(reason));
             return Taken::Deferred;
         }
-        let tensors = snapshot(&state());
+        let tensors = self.uploader.snapshot(&state());
         let blocked = started.elapsed();
         let (client, runtime, generation, rank) = (self.client.clone(), self.runtime.clone(), self.generation, self.rank);
         let attempt_name = attempt.to_string();

@@ -23,24 +23,52 @@ struct Job {
     then: OnUploaded,
 }
 
+/// Host copies of the state, reused from one checkpoint to the next.
+type HostBuffers = Arc<Mutex<Option<Vec<(String, Tensor)>>>>;
+
 /// A background uploader of checkpoint parts.
 pub struct Uploader {
     jobs: Option<SyncSender<Job>>,
     busy: Arc<(Mutex<bool>, Condvar)>,
     busy_flag: Arc<AtomicBool>,
+    buffers: HostBuffers,
     thread: Option<JoinHandle<()>>,
 }
 
 /// Copies named tensors to host memory, so training can keep changing the originals.
 pub fn snapshot(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    tch::no_grad(|| {
-        tensors
+    snapshot_into(None, tensors)
+}
+
+/// Like [`snapshot`], copying into `reuse` when its names, shapes and kinds match (no fresh
+/// allocation, so no page faults); GPU tensors land in pinned host memory.
+fn snapshot_into(reuse: Option<Vec<(String, Tensor)>>, tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    let fits = |buffers: &Vec<(String, Tensor)>| {
+        buffers.len() == tensors.len()
+            && buffers.iter().zip(tensors).all(|((bn, b), (n, t))| bn == n && b.size() == t.size() && b.kind() == t.kind())
+    };
+    tch::no_grad(|| match reuse {
+        Some(mut buffers) if fits(&buffers) => {
+            for ((_, dst), (_, src)) in buffers.iter_mut().zip(tensors) {
+                dst.copy_(src);
+            }
+            buffers
+        }
+        _ => tensors
             .iter()
             .map(|(n, t)| {
-                let host = if t.device() == Device::Cpu { t.detach().copy() } else { t.detach().to_device(Device::Cpu) };
+                let host = match t.device() {
+                    Device::Cpu => t.detach().copy(),
+                    gpu => {
+                        let pinned = Tensor::empty(t.size(), (t.kind(), Device::Cpu)).pin_memory(gpu);
+                        let mut pinned = pinned;
+                        pinned.copy_(t);
+                        pinned
+                    }
+                };
                 (n.clone(), host)
             })
-            .collect()
+            .collect(),
     })
 }
 
@@ -50,14 +78,15 @@ impl Uploader {
         let (tx, rx) = sync_channel::<Job>(1);
         let busy = Arc::new((Mutex::new(false), Condvar::new()));
         let busy_flag = Arc::new(AtomicBool::new(false));
-        let (thread_busy, thread_flag) = (busy.clone(), busy_flag.clone());
+        let buffers: HostBuffers = Arc::new(Mutex::new(None));
+        let (thread_busy, thread_flag, thread_buffers) = (busy.clone(), busy_flag.clone(), buffers.clone());
         let thread = std::thread::Builder::new()
             .name("checkpoint-upload".into())
             .spawn(move || {
                 for job in rx {
                     let started = Instant::now();
                     let result = store.write_part(job.step, &job.attempt, job.rank, &job.tensors);
-                    drop(job.tensors);
+                    *thread_buffers.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.tensors);
                     (job.then)(result, started.elapsed());
                     let (lock, cv) = &*thread_busy;
                     *lock.lock().unwrap_or_else(|e| e.into_inner()) = false;
@@ -66,7 +95,14 @@ impl Uploader {
                 }
             })
             .expect("spawn the checkpoint upload thread");
-        Self { jobs: Some(tx), busy, busy_flag, thread: Some(thread) }
+        Self { jobs: Some(tx), busy, busy_flag, buffers, thread: Some(thread) }
+    }
+
+    /// Copies `tensors` to host memory for an upload, reusing the previous checkpoint's host
+    /// buffers once its upload is done.
+    pub fn snapshot(&self, tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        let reuse = if self.is_busy() { None } else { self.buffers.lock().unwrap_or_else(|e| e.into_inner()).take() };
+        snapshot_into(reuse, tensors)
     }
 
     /// True while an upload is in flight.

@@ -39,6 +39,13 @@ pub struct BenchArgs {
     /// Peak dense TFLOP/s of the device, for MFU (default on CUDA: 989, an H100/H200 SXM in bf16).
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// Instead of training steps, benchmark checkpoint saving of the preset's full state to
+    /// this location (async vs synchronous blocking, upload vs plain put).
+    #[arg(long)]
+    checkpoint_to: Option<String>,
+    /// Rounds of the checkpoint benchmark.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Record every timed step's loss in the JSON output.
     #[arg(long)]
     losses: bool,
@@ -49,6 +56,15 @@ pub struct BenchArgs {
 
 /// Runs `braid bench`.
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &args.checkpoint_to {
+        let report = bench::run_checkpoint_bench(&args.preset, url, args.rounds).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{report}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let device = parse_device(&args.device).ok_or_else(|| anyhow::anyhow!("--device {:?}: use cpu, cuda or cuda:N", args.device))?;
     if matches!(device, tch::Device::Cuda(_)) && !tch::Cuda::is_available() {
         anyhow::bail!("--device {}: CUDA is not available to libtorch on this machine", args.device);

@@ -1,4 +1,4 @@
-//! `braid checkpoint list` and `braid checkpoint show`.
+//! `braid checkpoint list`, `braid checkpoint show` and `braid checkpoint now`.
 
 use std::process::ExitCode;
 
@@ -11,7 +11,7 @@ pub enum CheckpointCommand {
     /// List the committed checkpoints under a root: step, attempt, commit time, size, and which
     /// one `latest` points at.
     List {
-        /// Checkpoint root (a path or file:// URL).
+        /// Checkpoint root (a path or a file://, s3://, gs:// or az:// URL).
         url: String,
         /// Print JSON.
         #[arg(long)]
@@ -26,11 +26,37 @@ pub enum CheckpointCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a running job's coordinator for a checkpoint at the next step every rank can reach.
+    Now {
+        /// Coordinator address, host:port.
+        #[arg(long, env = "BRAID_COORDINATOR")]
+        coordinator: String,
+        /// The job's name (`[job] name`).
+        #[arg(long)]
+        job: String,
+        /// Stop the job once the checkpoint is committed (as on SIGTERM).
+        #[arg(long)]
+        stop: bool,
+    },
 }
 
 /// Runs a checkpoint command.
 pub fn dispatch(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        CheckpointCommand::Now { coordinator, job, stop } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let step = runtime.block_on(async {
+                // The operator is no worker: the request carries the job id and no worker id.
+                let client =
+                    braid_coordinator::CoordinatorClient::connect(&coordinator, &job, std::time::Duration::from_secs(10)).await?;
+                client.request_checkpoint("braid checkpoint now", stop).await
+            })?;
+            match step {
+                Some(step) => println!("checkpoint scheduled after step {step}{}", if stop { ", then the job stops" } else { "" }),
+                None => println!("checkpoint requested; it is taken after the step following the next report{}", if stop { ", then the job stops" } else { "" }),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         CheckpointCommand::List { url, json } => {
             let listing = list_checkpoints(&url)?;
             if listing.checkpoints.is_empty() {

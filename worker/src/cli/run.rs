@@ -134,10 +134,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         config.cluster.device = device.clone();
     }
     config.validate(&args.job.display().to_string())?;
-    if !args.json {
-        // The progress bar shows the job; only warnings and errors are logged under it.
-        super::init_logging_with(false, "warn");
-    }
+    // The progress bar (or the JSON summary on stdout) shows the job; warnings and errors
+    // are logged to stderr.
+    super::init_logging_with(false, "warn");
     let workers = config.cluster.max_workers;
     let log_dir = args.log_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&config.job.name));
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating log folder {}", log_dir.display()))?;

@@ -36,14 +36,6 @@ pub enum Error {
         /// Why it cannot be used.
         reason: String,
     },
-    /// A URL whose scheme has no object-store backend in this build.
-    #[error("{url}: scheme {scheme:?} is not supported yet (use a local path or file://)")]
-    UnsupportedScheme {
-        /// The location as given.
-        url: String,
-        /// Its scheme.
-        scheme: String,
-    },
     /// An object (manifest, shard) that does not exist.
     #[error("{url}: not found")]
     NotFound {

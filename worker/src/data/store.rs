@@ -94,6 +94,11 @@ impl Location {
         self.0.put(bytes).await.map_err(lift)
     }
 
+    /// Writes the object as the concatenation of `chunks`, without joining them in memory.
+    pub async fn put_chunks(&self, chunks: Vec<Bytes>) -> Result<()> {
+        self.0.put_chunks(chunks).await.map_err(lift)
+    }
+
     /// The object's size in bytes.
     pub async fn size(&self) -> Result<u64> {
         self.0.size().await.map_err(lift)
@@ -223,6 +228,6 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let inner = runtime.block_on(async { block_on(async { 41 + 1 }) }).unwrap();
         assert_eq!(inner, 42);
-        block_on(tokio::time::sleep(std::time::Duration::from_millis(1))).unwrap();
+        block_on(async { tokio::time::sleep(std::time::Duration::from_millis(1)).await }).unwrap();
     }
 }
