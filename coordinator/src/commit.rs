@@ -234,9 +234,10 @@ fn unix_seconds() -> u64 {
 }
 
 /// Keeps the newest `keep` committed checkpoints (step folders holding a manifest) and deletes
-/// every step folder older than the oldest kept one, committed or not. Newer folders (attempts
+/// every step folder older than the oldest kept one, committed or not, except committed ones
+/// marked to keep (`keep_every > 0` and `step + 1` a multiple of it). Newer folders (attempts
 /// in progress) are left alone. Returns the deleted steps.
-pub async fn apply_retention(root: &StoreRoot, keep: usize) -> Result<Vec<u64>> {
+pub async fn apply_retention(root: &StoreRoot, keep: usize, keep_every: u64) -> Result<Vec<u64>> {
     let mut steps: Vec<u64> = root.folders("").await?.iter().filter_map(|f| parse_step_dir(f)).collect();
     steps.sort_unstable();
     let mut committed = Vec::new();
@@ -254,6 +255,10 @@ pub async fn apply_retention(root: &StoreRoot, keep: usize) -> Result<Vec<u64>> 
     let oldest_kept = *committed.last().expect("keep >= 1");
     let mut deleted = Vec::new();
     for step in steps.into_iter().filter(|&s| s < oldest_kept) {
+        let marked = keep_every > 0 && (step + 1) % keep_every == 0;
+        if marked && root.head(&manifest_path(step)).await?.is_some() {
+            continue;
+        }
         root.delete_folder(&step_dir(step)).await?;
         deleted.push(step);
     }
@@ -290,10 +295,26 @@ mod tests {
         for step in [1u64, 2, 3] {
             root.put(&manifest_path(step), "{}").await.unwrap();
         }
-        let deleted = apply_retention(&root, 2).await.unwrap();
+        let deleted = apply_retention(&root, 2, 0).await.unwrap();
         assert_eq!(deleted, vec![1]);
         let mut left = root.folders("").await.unwrap();
         left.sort();
         assert_eq!(left, vec!["step-000002", "step-000003", "step-000004"]);
+    }
+
+    #[tokio::test]
+    async fn retention_spares_checkpoints_marked_to_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::store::open(dir.path().to_str().unwrap()).unwrap();
+        for step in [9u64, 19, 29, 39, 49] {
+            root.put(&format!("{}/attempt-a/rank-0.safetensors", step_dir(step)), "x").await.unwrap();
+            root.put(&manifest_path(step), "{}").await.unwrap();
+        }
+        // keep 1 (step 49) plus every step whose step + 1 is a multiple of 20 (19 and 39).
+        let deleted = apply_retention(&root, 1, 20).await.unwrap();
+        assert_eq!(deleted, vec![9, 29]);
+        let mut left = root.folders("").await.unwrap();
+        left.sort();
+        assert_eq!(left, vec!["step-000019", "step-000039", "step-000049"]);
     }
 }

@@ -22,6 +22,7 @@ struct Shared {
     state: Mutex<Coordinator>,
     checkpoints: Option<StoreRoot>,
     keep: usize,
+    keep_every: u64,
     /// Commits run one at a time, so `latest` only moves forward.
     commit_lock: tokio::sync::Mutex<()>,
     ended: CancellationToken,
@@ -56,6 +57,7 @@ impl CoordinatorService {
     pub fn new(mut state: Coordinator, checkpoints: Option<StoreRoot>) -> Self {
         log(&state.take_actions());
         let keep = state.config().checkpoint.keep;
+        let keep_every = state.config().checkpoint.keep_every_steps;
         let ended = CancellationToken::new();
         if state.is_over() {
             ended.cancel();
@@ -65,6 +67,7 @@ impl CoordinatorService {
                 state: Mutex::new(state),
                 checkpoints,
                 keep,
+                keep_every,
                 commit_lock: tokio::sync::Mutex::new(()),
                 ended,
             }),
@@ -148,7 +151,7 @@ impl CoordinatorService {
             }
         }
         self.update(|s, now| s.commit_succeeded(now, plan, url.clone()));
-        match commit::apply_retention(root, self.shared.keep).await {
+        match commit::apply_retention(root, self.shared.keep, self.shared.keep_every).await {
             Ok(deleted) if !deleted.is_empty() => {
                 tracing::info!("checkpoint.keep = {}: deleted checkpoint steps {deleted:?}", self.shared.keep)
             }
