@@ -4,7 +4,8 @@
 #   2. CLIP-tiny trained in bf16 and fp32 on the same fixed batch: the loss curves must be close;
 #   3. an end-to-end `braid run` of CLIP-tiny on the GPU (one worker, NCCL engine);
 #   4. CLIP ViT-B/16, batch 256, bf16: braid vs open_clip in PyTorch eager (autocast bf16,
-#      scaled_dot_product_attention, fused AdamW), with samples/s, MFU, peak GPU memory, ratio.
+#      scaled_dot_product_attention, fused AdamW), with samples/s, MFU, peak GPU memory, ratio;
+#   5. the checkpoint benchmark on the ViT-B/16 state held on the GPU.
 # Usage: bench/gpu.sh [BRAID_BINARY] ; PYTHON= picks the interpreter that has torch (and
 # open_clip); OUT= the output folder (default bench/out). Prints a table, writes table.md.
 set -uo pipefail
@@ -72,5 +73,11 @@ measure b16_braid "$BRAID" bench --preset vit-b-16 --device cuda:0 --precision b
   --steps "$STEPS" --warmup "$WARMUP" --json
 measure b16_torch "$PY" bench/open_clip_step.py --preset vit-b-16 --device cuda --precision bf16 --batch "$BATCH" \
   --steps "$STEPS" --warmup "$WARMUP"
+
+echo "== 5. checkpoint of the ViT-B/16 training state from the GPU (pinned host snapshot)"
+rm -rf /tmp/braid-ckbench
+timeout 150 "$BRAID" bench --preset vit-b-16 --device cuda:0 --checkpoint-to /tmp/braid-ckbench --rounds 3 \
+  | tee "$OUT/checkpoint_bench.txt"
+rm -rf /tmp/braid-ckbench
 
 "$PY" bench/gpu_table.py "$OUT" | tee "$OUT/table.md"

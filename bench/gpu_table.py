@@ -46,6 +46,10 @@ def main() -> None:
               f"loss={run.get('final_loss')} samples/s={run.get('samples_per_second')} "
               f"held-out R@1 {i2t.get('r1')} (chance {i2t.get('chance_r1')})\n")
 
+    ckpt = out / "checkpoint_bench.txt"
+    if ckpt.exists():
+        print("Checkpoint benchmark:\n```\n" + ckpt.read_text().strip() + "\n```\n")
+
     braid, torch = load(out / "b16_braid.json"), load(out / "b16_torch.json")
     if not (braid and torch):
         print("ViT-B/16 comparison: missing output")

@@ -188,6 +188,8 @@ impl std::fmt::Display for BenchReport {
 pub struct CheckpointBenchReport {
     /// Model preset whose state was saved.
     pub preset: String,
+    /// Device the state lived on (GPU state is snapshotted into pinned host memory).
+    pub device: String,
     /// Bytes of one checkpoint part (model, AdamW moments, step).
     pub bytes: u64,
     /// Median seconds training is blocked by a synchronous save (snapshot, serialise, upload).
@@ -205,13 +207,18 @@ pub struct CheckpointBenchReport {
 }
 
 /// Benchmarks checkpoint saving of a preset's full training state to `url`, `rounds` times.
-pub fn run_checkpoint_bench(preset: &str, url: &str, rounds: usize) -> Result<CheckpointBenchReport, Box<dyn std::error::Error>> {
+pub fn run_checkpoint_bench(
+    preset: &str,
+    url: &str,
+    rounds: usize,
+    device: Device,
+) -> Result<CheckpointBenchReport, Box<dyn std::error::Error>> {
     use crate::checkpoint::upload::{snapshot, Uploader};
     use crate::checkpoint::{to_safetensors, CheckpointStore};
     let text = format!("[job]\nname = \"bench\"\n[model]\npreset = \"{preset}\"\n[data]\ntrain = \"unused\"\n");
     let config = JobConfig::parse(&text, "bench")?;
     config.validate("bench options")?;
-    let trainer = ClipTrainer::new(&config, clip_config(&config, 49408)?, Device::Cpu)?;
+    let trainer = ClipTrainer::new(&config, clip_config(&config, 49408)?, device)?;
     let store = CheckpointStore::open(url)?;
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -224,16 +231,16 @@ pub fn run_checkpoint_bench(preset: &str, url: &str, rounds: usize) -> Result<Ch
     for round in 0..rounds.max(1) + 1 {
         let step = round as u64;
         let t0 = Instant::now();
-        let part = store.write_part(step, &format!("sync-{round}"), 0, &snapshot(&trainer.state()))?;
+        let parts = store.write_parts(step, &format!("sync-{round}"), 0, &snapshot(&trainer.state()))?;
         sync.push(t0.elapsed().as_secs_f64());
-        bytes = part.size;
+        bytes = parts.iter().map(|p| p.size).sum();
 
         let (tx, rx) = std::sync::mpsc::channel();
         let t0 = Instant::now();
         let state = uploader.snapshot(&trainer.state());
         blocked.push(t0.elapsed().as_secs_f64());
-        let then = Box::new(move |result: crate::checkpoint::Result<crate::checkpoint::PartInfo>, took: std::time::Duration| {
-            let _ = tx.send((result.map(|p| p.size), took));
+        let then = Box::new(move |result: crate::checkpoint::Result<Vec<crate::checkpoint::PartInfo>>, took: std::time::Duration| {
+            let _ = tx.send((result.map(|p| p.len()), took));
         });
         assert!(uploader.submit(step, &format!("async-{round}"), 0, state, then), "a fresh uploader is idle");
         let (result, took) = rx.recv()?;
@@ -251,6 +258,7 @@ pub fn run_checkpoint_bench(preset: &str, url: &str, rounds: usize) -> Result<Ch
         (median(skip_first(sync)), median(skip_first(blocked)), median(skip_first(upload)), median(skip_first(plain)));
     Ok(CheckpointBenchReport {
         preset: preset.to_string(),
+        device: format!("{device:?}").to_lowercase(),
         bytes,
         sync_blocked_seconds: sync,
         async_blocked_seconds: blocked,
@@ -264,7 +272,7 @@ pub fn run_checkpoint_bench(preset: &str, url: &str, rounds: usize) -> Result<Ch
 impl std::fmt::Display for CheckpointBenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mb = self.bytes as f64 / 1e6;
-        writeln!(f, "checkpoint of CLIP {} state: {mb:.0} MB", self.preset)?;
+        writeln!(f, "checkpoint of CLIP {} state on {}: {mb:.0} MB", self.preset, self.device)?;
         writeln!(
             f,
             "training blocked per checkpoint: async {:.3} s vs synchronous {:.3} s ({:.1}%; target < 5%)",

@@ -90,9 +90,36 @@ pub struct CheckpointStore {
     root_url: String,
 }
 
-/// Where a rank's part of an attempt goes, relative to the root.
-pub fn part_path(step: u64, attempt: &str, rank: usize) -> String {
-    format!("step-{step:06}/attempt-{attempt}/rank-{rank}.safetensors")
+/// Parts smaller than this are not split further.
+const SHARD_MIN_BYTES: usize = 64 << 20;
+
+/// Where a rank's part of an attempt goes, relative to the root (`rank-0.safetensors`, or
+/// `rank-0-01.safetensors` for the second of several).
+pub fn part_path(step: u64, attempt: &str, rank: usize, shard: Option<usize>) -> String {
+    match shard {
+        None => format!("step-{step:06}/attempt-{attempt}/rank-{rank}.safetensors"),
+        Some(i) => format!("step-{step:06}/attempt-{attempt}/rank-{rank}-{i:02}.safetensors"),
+    }
+}
+
+/// Splits named tensors, in name order, into at most `groups` runs of roughly equal bytes.
+fn split_by_bytes(tensors: &[(String, Tensor)], groups: usize) -> Vec<Vec<(String, Tensor)>> {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+    let total: usize = sorted.iter().map(|(_, t)| bytes(t)).sum();
+    let target = total.div_ceil(groups.max(1));
+    let mut out: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut filled = 0;
+    for (name, t) in sorted {
+        if filled >= target && out.len() < groups {
+            out.push(Vec::new());
+            filled = 0;
+        }
+        filled += bytes(t);
+        out.last_mut().expect("one group").push((name.clone(), t.shallow_clone()));
+    }
+    out
 }
 
 /// Hex sha256 of bytes.
@@ -256,11 +283,34 @@ impl CheckpointStore {
         Ok(self.anchor.join(relative)?)
     }
 
-    /// Writes this rank's part of an attempt and returns what to report in the vote. The
-    /// safetensors file is streamed from the tensors' memory (no serialised copy), hashed on a
-    /// second thread while it uploads.
-    pub fn write_part(&self, step: u64, attempt: &str, rank: usize, tensors: &[(String, Tensor)]) -> Result<PartInfo> {
-        let path = part_path(step, attempt, rank);
+    /// Writes this rank's state for an attempt and returns the parts to report in the vote.
+    /// Above 64 MiB the state is split into one part per core, each streamed from the
+    /// tensors' memory (no serialised copy) and hashed beside its upload, all in parallel.
+    pub fn write_parts(&self, step: u64, attempt: &str, rank: usize, tensors: &[(String, Tensor)]) -> Result<Vec<PartInfo>> {
+        let total: usize = tensors.iter().map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shards = if braid_coordinator::failpoint::armed("part-upload", step) {
+            1
+        } else {
+            cores.min(total.div_ceil(SHARD_MIN_BYTES)).max(1)
+        };
+        if shards == 1 {
+            return Ok(vec![self.write_part(step, attempt, rank, None, tensors)?]);
+        }
+        let groups = split_by_bytes(tensors, shards);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = groups
+                .into_iter()
+                .enumerate()
+                .map(|(i, group)| scope.spawn(move || self.write_part(step, attempt, rank, Some(i), &group)))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a part writer does not panic")).collect()
+        })
+    }
+
+    /// Writes one part: the given tensors as one safetensors object.
+    fn write_part(&self, step: u64, attempt: &str, rank: usize, shard: Option<usize>, tensors: &[(String, Tensor)]) -> Result<PartInfo> {
+        let path = part_path(step, attempt, rank, shard);
         let location = self.at(&path)?;
         let chunks = safetensors_chunks(tensors)?;
         let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
@@ -279,16 +329,10 @@ impl CheckpointStore {
             uploaded??;
             return Ok(PartInfo { sha256: digest, size, path, rank: rank as u32 });
         }
+        // A torn upload: half the bytes reach the store, then the process dies.
         let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        let info = PartInfo { sha256: sha256_hex(&bytes), size: bytes.len() as u64, path: path.clone(), rank: rank as u32 };
-        if braid_coordinator::failpoint::armed("part-upload", step) {
-            // A torn upload: half the bytes reach the store, then the process dies.
-            let half = Bytes::from(bytes[..bytes.len() / 2].to_vec());
-            store::block_on(location.put(half))??;
-            braid_coordinator::failpoint::crash("part-upload", step);
-        }
-        store::block_on(location.put(Bytes::from(bytes)))??;
-        Ok(info)
+        store::block_on(location.put(Bytes::from(bytes[..bytes.len() / 2].to_vec())))??;
+        braid_coordinator::failpoint::crash("part-upload", step);
     }
 
     /// The manifest `latest` points at, if any checkpoint was committed.

@@ -42,10 +42,10 @@ fn vote(
     step: u64,
     attempt: &str,
     rank: usize,
-    outcome: Result<Option<PartInfo>, String>,
+    outcome: Result<Vec<PartInfo>, String>,
 ) {
     let (ok, error, parts) = match outcome {
-        Ok(part) => (true, String::new(), part.into_iter().collect::<Vec<_>>()),
+        Ok(parts) => (true, String::new(), parts),
         Err(e) => (false, e, Vec::new()),
     };
     let request = CheckpointVote {
@@ -78,7 +78,7 @@ impl Checkpointer {
     pub fn take(&self, step: u64, attempt: &str, state: impl FnOnce() -> Vec<(String, Tensor)>, must_complete: bool) -> Taken {
         let started = Instant::now();
         if self.rank != 0 {
-            vote(&self.client, &self.runtime, self.generation, step, attempt, self.rank, Ok(None));
+            vote(&self.client, &self.runtime, self.generation, step, attempt, self.rank, Ok(Vec::new()));
             return Taken::Started { blocked: started.elapsed() };
         }
         if must_complete {
@@ -92,12 +92,13 @@ impl Checkpointer {
         let blocked = started.elapsed();
         let (client, runtime, generation, rank) = (self.client.clone(), self.runtime.clone(), self.generation, self.rank);
         let attempt_name = attempt.to_string();
-        let then = Box::new(move |result: super::Result<PartInfo>, took: Duration| {
-            if let Ok(part) = &result {
-                tracing::info!(step, bytes = part.size, seconds = took.as_secs_f64(), "checkpoint part uploaded");
+        let then = Box::new(move |result: super::Result<Vec<PartInfo>>, took: Duration| {
+            if let Ok(parts) = &result {
+                let bytes: u64 = parts.iter().map(|p| p.size).sum();
+                tracing::info!(step, bytes, parts = parts.len(), seconds = took.as_secs_f64(), "checkpoint uploaded");
             }
             braid_coordinator::failpoint::hit("before-vote", step);
-            vote(&client, &runtime, generation, step, &attempt_name, rank, result.map(Some).map_err(|e| e.to_string()));
+            vote(&client, &runtime, generation, step, &attempt_name, rank, result.map_err(|e| e.to_string()));
         });
         let queued = self.uploader.submit(step, attempt, rank, tensors, then);
         debug_assert!(queued, "the uploader was idle");

@@ -13,7 +13,7 @@ use tch::{Device, Tensor};
 use super::{CheckpointStore, PartInfo, Result};
 
 /// What to do with the outcome of an upload (vote, log), run on the upload thread.
-pub type OnUploaded = Box<dyn FnOnce(Result<PartInfo>, Duration) + Send>;
+pub type OnUploaded = Box<dyn FnOnce(Result<Vec<PartInfo>>, Duration) + Send>;
 
 struct Job {
     step: u64,
@@ -85,7 +85,7 @@ impl Uploader {
             .spawn(move || {
                 for job in rx {
                     let started = Instant::now();
-                    let result = store.write_part(job.step, &job.attempt, job.rank, &job.tensors);
+                    let result = store.write_parts(job.step, &job.attempt, job.rank, &job.tensors);
                     *thread_buffers.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.tensors);
                     (job.then)(result, started.elapsed());
                     let (lock, cv) = &*thread_busy;
