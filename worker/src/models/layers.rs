@@ -87,8 +87,9 @@ pub fn cast(t: &Tensor, like: &Tensor) -> Tensor {
     }
 }
 
-/// LayerNorm over the last dimension. A bf16 input is normalised by libtorch's mixed-type
-/// kernel against the fp32 affine parameters (statistics in fp32) and comes back in bf16.
+/// LayerNorm over the last dimension, in one kernel in the input's kind: libtorch accumulates
+/// the statistics in fp32 for a bf16 input; the affine parameters are cast to the input's kind
+/// (the GPU kernel takes no mixed kinds).
 #[derive(Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -98,7 +99,7 @@ pub struct LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.width], Some(&self.weight), Some(&self.bias), 1e-5, true)
+        x.layer_norm([self.width], Some(cast(&self.weight, x)), Some(cast(&self.bias, x)), 1e-5, true)
     }
 }
 
