@@ -261,27 +261,7 @@ async fn write_object(store: &dyn ObjectStore, path: &ObjectPath, data: Bytes) -
 /// to [`MULTIPART_THRESHOLD`] bytes in all, otherwise a multipart upload that takes the chunks
 /// as they are (zero-copy) and sends [`PART_SIZE`] parts.
 async fn write_chunks(store: &dyn ObjectStore, path: &ObjectPath, chunks: Vec<Bytes>) -> object_store::Result<()> {
-    let total: usize = chunks.iter().map(Bytes::len).sum();
-    if total <= MULTIPART_THRESHOLD {
-        store.put(path, PutPayload::from_iter(chunks)).await?;
-        return Ok(());
-    }
-    let mut upload = WriteMultipart::new_with_chunk_size(store.put_multipart(path).await?, PART_SIZE);
-    for chunk in chunks {
-        for start in (0..chunk.len()).step_by(PART_SIZE) {
-            if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                let _ = upload.abort().await;
-                return Err(e);
-            }
-            upload.put(chunk.slice(start..(start + PART_SIZE).min(chunk.len())));
-        }
-    }
-    if let Err(e) = upload.wait_for_capacity(0).await {
-        let _ = upload.abort().await;
-        return Err(e);
-    }
-    upload.finish().await?;
-    Ok(())
+    write_chunks_with(store, path, chunks, MULTIPART_THRESHOLD, PART_SIZE).await
 }
 
 async fn write_object_with(
@@ -291,17 +271,30 @@ async fn write_object_with(
     threshold: usize,
     part_size: usize,
 ) -> object_store::Result<()> {
-    if data.len() <= threshold {
-        store.put(path, PutPayload::from(data)).await?;
+    write_chunks_with(store, path, vec![data], threshold, part_size).await
+}
+
+async fn write_chunks_with(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    chunks: Vec<Bytes>,
+    threshold: usize,
+    part_size: usize,
+) -> object_store::Result<()> {
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    if total <= threshold {
+        store.put(path, PutPayload::from_iter(chunks)).await?;
         return Ok(());
     }
     let mut upload = WriteMultipart::new_with_chunk_size(store.put_multipart(path).await?, part_size);
-    for start in (0..data.len()).step_by(part_size) {
-        if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {
-            let _ = upload.abort().await;
-            return Err(e);
+    for chunk in chunks {
+        for start in (0..chunk.len()).step_by(part_size) {
+            if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                let _ = upload.abort().await;
+                return Err(e);
+            }
+            upload.put(chunk.slice(start..(start + part_size).min(chunk.len())));
         }
-        upload.put(data.slice(start..(start + part_size).min(data.len())));
     }
     if let Err(e) = upload.wait_for_capacity(0).await {
         let _ = upload.abort().await;

@@ -453,33 +453,17 @@ pub struct BraidRunProcess {
 /// Starts `braid run JOB --workers N --json --log-dir LOG_DIR` with `env` added to its
 /// environment (its workers inherit it), in a new process group.
 pub fn spawn_braid_run(job: &Path, workers: usize, log_dir: &Path, env: &[(String, String)]) -> BraidRunProcess {
-    use std::os::unix::process::CommandExt as _;
-    let mut command = Command::new(braid_bin());
-    command
-        .arg("run")
-        .arg(job)
-        .args(["--workers", &workers.to_string(), "--json", "--log-dir"])
-        .arg(log_dir)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let shown = format!("braid run {} --workers {workers}", job.display());
-    let started = Instant::now();
-    let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {shown}: {e}"));
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            String::from_utf8_lossy(&bytes).into_owned()
-        })
-    };
-    let stdout = Some(drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)));
-    let stderr = Some(drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)));
-    BraidRunProcess { child, shown, started, stdout, stderr }
+    let workers = workers.to_string();
+    let args: [&OsStr; 7] = [
+        "run".as_ref(),
+        job.as_os_str(),
+        "--workers".as_ref(),
+        workers.as_ref(),
+        "--json".as_ref(),
+        "--log-dir".as_ref(),
+        log_dir.as_os_str(),
+    ];
+    spawn_braid(args, env)
 }
 
 /// Starts `braid ARGS` with `env` added to its environment, in a new process group (like
