@@ -186,7 +186,20 @@ impl ClipTrainer {
     /// `rank_batch` is padded by the caller to `slot` samples (every rank gathers the same
     /// shape); padding rows are marked invalid.
     pub fn train_step(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<StepStats, TrainError> {
+        self.train_step_with(step, batch, coll, || ())
+    }
+
+    /// [`ClipTrainer::train_step`], calling `before_update` between the backward pass and the
+    /// optimizer update (where a checkpoint's host copy of the parameters must be complete).
+    pub fn train_step_with(
+        &mut self,
+        step: u64,
+        batch: &DeviceBatch,
+        coll: &mut dyn Collective,
+        before_update: impl FnOnce(),
+    ) -> Result<StepStats, TrainError> {
         let (loss, samples) = self.compute_gradients(batch, coll)?;
+        before_update();
         let (grad_norm, lr) = self.apply_update(step)?;
         Ok(StepStats { loss, grad_norm, lr, logit_scale: self.model.logit_scale.exp().double_value(&[]), samples })
     }

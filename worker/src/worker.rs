@@ -249,7 +249,11 @@ fn train(
         let started = Instant::now();
         let batch = loader.next_batch()?;
         let device_batch = DeviceBatch::from_batch(&batch, slot, clip.vision.image_size, device, trainer.compute_kind());
-        let stats = trainer.train_step(step, &device_batch, coll.as_mut())?;
+        let stats = trainer.train_step_with(step, &device_batch, coll.as_mut(), || {
+            if let Some(checkpointer) = &checkpointer {
+                checkpointer.before_update();
+            }
+        })?;
         step_now.store(step, Ordering::Relaxed);
         if rank == 0 && (step % config.telemetry.log_every_steps.max(1) == 0 || step + 1 == plan_reply.total_steps) {
             tracing::info!(step, loss = stats.loss, lr = stats.lr, grad_norm = stats.grad_norm, logit_scale = stats.logit_scale, "step");

@@ -1,8 +1,10 @@
 //! A rank's part in a checkpoint: snapshot, upload in the background, vote.
 //!
-//! Rank 0 holds the replicated model and optimizer state and writes the only part; every rank
-//! votes, so the coordinator commits only once all of them reached the step. Training waits
-//! only for the host copy; the upload and rank 0's vote happen on the upload thread.
+//! Rank 0 holds the replicated model and optimizer state and writes the parts; every rank
+//! votes, so the coordinator commits only once all of them reached the step. The host copy
+//! runs beside the next step's forward and backward; training waits for it only before its
+//! next optimizer update ([`Checkpointer::before_update`]). The upload and rank 0's vote
+//! happen on the upload thread.
 
 use std::time::{Duration, Instant};
 
@@ -10,12 +12,14 @@ use braid_coordinator::client::CoordinatorClient;
 use braid_proto::{CheckpointPart, CheckpointVote};
 use tch::Tensor;
 
-use super::upload::Uploader;
+use super::upload::{Latch, Uploader};
 use super::{CheckpointStore, PartInfo};
 
 /// Takes part in checkpoints for one rank of one generation.
 pub struct Checkpointer {
     uploader: Uploader,
+    /// The host copy in flight, which the next optimizer update must wait for.
+    copying: std::sync::Mutex<Option<std::sync::Arc<Latch>>>,
     client: CoordinatorClient,
     runtime: tokio::runtime::Handle,
     generation: u64,
@@ -69,12 +73,13 @@ fn vote(
 impl Checkpointer {
     /// A participant writing to `store`, voting through `client`.
     pub fn new(store: CheckpointStore, client: CoordinatorClient, runtime: tokio::runtime::Handle, generation: u64, rank: usize) -> Self {
-        Self { uploader: Uploader::new(store), client, runtime, generation, rank }
+        Self { uploader: Uploader::new(store), copying: std::sync::Mutex::new(None), client, runtime, generation, rank }
     }
 
-    /// Takes part in the checkpoint of `step`. `state` gives rank 0's tensors; with
+    /// Takes part in the checkpoint of `step`. `state` gives rank 0's live tensors (sharing
+    /// storage with the model and optimizer; they are copied on the upload thread); with
     /// `must_complete` (last step, preemption) a running upload is waited for instead of
-    /// deferring this checkpoint.
+    /// deferring this checkpoint. `blocked` in the result is the time spent here.
     pub fn take(&self, step: u64, attempt: &str, state: impl FnOnce() -> Vec<(String, Tensor)>, must_complete: bool) -> Taken {
         let started = Instant::now();
         if self.rank != 0 {
@@ -88,8 +93,7 @@ impl Checkpointer {
             vote(&self.client, &self.runtime, self.generation, step, attempt, self.rank, Err(reason));
             return Taken::Deferred;
         }
-        let tensors = self.uploader.snapshot(&state());
-        let blocked = started.elapsed();
+        let live = state();
         let (client, runtime, generation, rank) = (self.client.clone(), self.runtime.clone(), self.generation, self.rank);
         let attempt_name = attempt.to_string();
         let then = Box::new(move |result: super::Result<Vec<PartInfo>>, took: Duration| {
@@ -100,13 +104,24 @@ impl Checkpointer {
             braid_coordinator::failpoint::hit("before-vote", step);
             vote(&client, &runtime, generation, step, &attempt_name, rank, result.map_err(|e| e.to_string()));
         });
-        let queued = self.uploader.submit(step, attempt, rank, tensors, then);
-        debug_assert!(queued, "the uploader was idle");
-        Taken::Started { blocked }
+        let copying = self.uploader.submit(step, attempt, rank, live, then).expect("the uploader was idle");
+        *self.copying.lock().unwrap_or_else(|e| e.into_inner()) = Some(copying);
+        Taken::Started { blocked: started.elapsed() }
     }
 
-    /// Waits for the upload in flight, if any (before the worker exits).
+    /// Waits until the host copy of the last checkpoint is done (call before an optimizer
+    /// update changes the parameters); returns how long it waited.
+    pub fn before_update(&self) -> Duration {
+        let started = Instant::now();
+        if let Some(copying) = self.copying.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            copying.wait();
+        }
+        started.elapsed()
+    }
+
+    /// Waits for the copy and upload in flight, if any (before the worker exits).
     pub fn finish(&self) {
+        self.before_update();
         self.uploader.wait_idle();
     }
 }

@@ -1,6 +1,7 @@
-//! Asynchronous checkpoint saving: the state is copied to host memory at the checkpoint step
-//! (the only time training waits), then serialised and uploaded on a background thread while
-//! training goes on. At most one upload is in flight.
+//! Asynchronous checkpoint saving. At the checkpoint step the upload thread copies the live
+//! state to host memory while the next step's forward and backward run (they only read the
+//! parameters); training waits for that copy only before its next optimizer update, if at all.
+//! Then the copy is serialised and uploaded in the background. At most one upload is in flight.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -12,15 +13,41 @@ use tch::{Device, Tensor};
 
 use super::{CheckpointStore, PartInfo, Result};
 
-/// What to do with the outcome of an upload (vote, log), run on the upload thread.
+/// What to do with the outcome of an upload (vote, log) and its duration after the host copy,
+/// run on the upload thread.
 pub type OnUploaded = Box<dyn FnOnce(Result<Vec<PartInfo>>, Duration) + Send>;
 
 struct Job {
     step: u64,
     attempt: String,
     rank: usize,
-    tensors: Vec<(String, Tensor)>,
+    /// The live tensors (sharing storage with the model and optimizer) to copy first.
+    live: Vec<(String, Tensor)>,
+    copied: Arc<Latch>,
     then: OnUploaded,
+}
+
+/// A one-way gate: closed until [`Latch::open`], then open for good.
+#[derive(Default)]
+pub struct Latch {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Latch {
+    /// Opens the gate, waking every waiter.
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Blocks until the gate is open.
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*open {
+            open = self.cv.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// Host copies of the state, reused from one checkpoint to the next.
@@ -31,7 +58,6 @@ pub struct Uploader {
     jobs: Option<SyncSender<Job>>,
     busy: Arc<(Mutex<bool>, Condvar)>,
     busy_flag: Arc<AtomicBool>,
-    buffers: HostBuffers,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -79,14 +105,18 @@ impl Uploader {
         let busy = Arc::new((Mutex::new(false), Condvar::new()));
         let busy_flag = Arc::new(AtomicBool::new(false));
         let buffers: HostBuffers = Arc::new(Mutex::new(None));
-        let (thread_busy, thread_flag, thread_buffers) = (busy.clone(), busy_flag.clone(), buffers.clone());
+        let (thread_busy, thread_flag, thread_buffers) = (busy.clone(), busy_flag.clone(), buffers);
         let thread = std::thread::Builder::new()
             .name("checkpoint-upload".into())
             .spawn(move || {
                 for job in rx {
+                    let reuse = thread_buffers.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let host = snapshot_into(reuse, &job.live);
+                    drop(job.live);
+                    job.copied.open();
                     let started = Instant::now();
-                    let result = store.write_parts(job.step, &job.attempt, job.rank, &job.tensors);
-                    *thread_buffers.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.tensors);
+                    let result = store.write_parts(job.step, &job.attempt, job.rank, &host);
+                    *thread_buffers.lock().unwrap_or_else(|e| e.into_inner()) = Some(host);
                     (job.then)(result, started.elapsed());
                     let (lock, cv) = &*thread_busy;
                     *lock.lock().unwrap_or_else(|e| e.into_inner()) = false;
@@ -95,22 +125,15 @@ impl Uploader {
                 }
             })
             .expect("spawn the checkpoint upload thread");
-        Self { jobs: Some(tx), busy, busy_flag, buffers, thread: Some(thread) }
+        Self { jobs: Some(tx), busy, busy_flag, thread: Some(thread) }
     }
 
-    /// Copies `tensors` to host memory for an upload, reusing the previous checkpoint's host
-    /// buffers once its upload is done.
-    pub fn snapshot(&self, tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-        let reuse = if self.is_busy() { None } else { self.buffers.lock().unwrap_or_else(|e| e.into_inner()).take() };
-        snapshot_into(reuse, tensors)
-    }
-
-    /// True while an upload is in flight.
+    /// True while a copy or upload is in flight.
     pub fn is_busy(&self) -> bool {
         self.busy_flag.load(Ordering::SeqCst)
     }
 
-    /// Blocks until no upload is in flight.
+    /// Blocks until no copy or upload is in flight.
     pub fn wait_idle(&self) {
         let (lock, cv) = &*self.busy;
         let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -119,21 +142,31 @@ impl Uploader {
         }
     }
 
-    /// Queues the upload of an already snapshotted state; returns false (and drops nothing
-    /// else) when an upload is still in flight.
-    pub fn submit(&self, step: u64, attempt: &str, rank: usize, tensors: Vec<(String, Tensor)>, then: OnUploaded) -> bool {
+    /// Queues the checkpoint of the live `tensors` (shallow clones sharing the model's and the
+    /// optimizer's storage): the upload thread copies them to host memory (reusing the previous
+    /// checkpoint's buffers), opens the returned latch, then uploads. The caller must not change
+    /// those tensors until the latch is open. `None` when an upload is still in flight.
+    pub fn submit(
+        &self,
+        step: u64,
+        attempt: &str,
+        rank: usize,
+        live: Vec<(String, Tensor)>,
+        then: OnUploaded,
+    ) -> Option<Arc<Latch>> {
         {
             let (lock, _) = &*self.busy;
             let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
             if *busy {
-                return false;
+                return None;
             }
             *busy = true;
             self.busy_flag.store(true, Ordering::SeqCst);
         }
-        let job = Job { step, attempt: attempt.to_string(), rank, tensors, then };
+        let copied = Arc::new(Latch::default());
+        let job = Job { step, attempt: attempt.to_string(), rank, live, copied: copied.clone(), then };
         self.jobs.as_ref().expect("uploader is running").send(job).expect("the upload thread is alive");
-        true
+        Some(copied)
     }
 }
 

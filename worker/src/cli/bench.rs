@@ -58,7 +58,7 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.checkpoint_to {
         let device = parse_device(&args.device).ok_or_else(|| anyhow::anyhow!("--device {:?}: use cpu, cuda or cuda:N", args.device))?;
-        let report = bench::run_checkpoint_bench(&args.preset, url, args.rounds, device).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let report = bench::run_checkpoint_bench(&args.preset, url, args.rounds, device, args.batch).map_err(|e| anyhow::anyhow!("{e}"))?;
         if args.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {
