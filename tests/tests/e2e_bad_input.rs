@@ -167,3 +167,19 @@ fn corrupt_shard_is_skipped_within_the_limit_and_fatal_past_it() {
     assert_eq!(summary["finished"], false, "{summary:#}");
     assert!(out.text().contains(&shard_name), "the output does not name {shard_name}:\n{}", out.text());
 }
+
+/// Every example job file in `examples/` is valid as shipped.
+#[test]
+fn example_jobs_validate() {
+    let examples = braid_tests::workspace_root().join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).expect("examples/ exists") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = std::process::Command::new(braid_tests::braid_bin()).arg("validate").arg(&path).output().unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "expected the example jobs, found {checked}");
+}
