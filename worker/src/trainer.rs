@@ -297,33 +297,28 @@ impl ClipTrainer {
     /// Restores a state written by [`ClipTrainer::state`]; `origin` names it in errors.
     pub fn load_state(&mut self, tensors: Vec<(String, Tensor)>, origin: &str) -> Result<(), TrainError> {
         let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-        let err = |reason: String| TrainError::State { origin: origin.to_string(), reason };
-        for (name, param) in self.optimizer.params() {
-            let key = format!("model.{name}");
-            let src = map.get(&key).ok_or_else(|| err(format!("missing tensor {key:?}")))?;
-            if src.size() != param.size() {
-                return Err(err(format!("tensor {key:?} has shape {:?}, the model needs {:?}", src.size(), param.size())));
-            }
-            tch::no_grad(|| param.shallow_clone().copy_(src));
-        }
+        self.copy_params(|name| map.get(&format!("model.{name}")), "model.", origin)?;
         let lookup = |k: &str| map.get(&format!("optim.{k}")).map(|t| t.shallow_clone());
-        self.optimizer.load_state(&lookup).map_err(err)?;
-        Ok(())
+        self.optimizer
+            .load_state(&lookup)
+            .map_err(|reason| TrainError::State { origin: origin.to_string(), reason })
     }
 
     /// Loads bare model weights (`<name>` keys as open_clip names them), e.g. from an export.
     pub fn load_weights(&mut self, tensors: &[(String, Tensor)], origin: &str) -> Result<(), TrainError> {
         let map: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        self.copy_params(|name| map.get(name).copied(), "", origin)
+    }
+
+    /// Copies every parameter from `source` (by parameter name), checking presence and shape;
+    /// `prefix` is how the source names keys in errors.
+    fn copy_params<'a>(&self, source: impl Fn(&str) -> Option<&'a Tensor>, prefix: &str, origin: &str) -> Result<(), TrainError> {
+        let err = |reason: String| TrainError::State { origin: origin.to_string(), reason };
         for (name, param) in self.optimizer.params() {
-            let src = map.get(name).ok_or_else(|| TrainError::State {
-                origin: origin.to_string(),
-                reason: format!("missing weight {name:?}"),
-            })?;
+            let key = format!("{prefix}{name}");
+            let src = source(name).ok_or_else(|| err(format!("missing tensor {key:?}")))?;
             if src.size() != param.size() {
-                return Err(TrainError::State {
-                    origin: origin.to_string(),
-                    reason: format!("weight {name:?} has shape {:?}, the model needs {:?}", src.size(), param.size()),
-                });
+                return Err(err(format!("tensor {key:?} has shape {:?}, the model needs {:?}", src.size(), param.size())));
             }
             tch::no_grad(|| param.shallow_clone().copy_(src));
         }

@@ -148,6 +148,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(braid_coordinator::server::start(config.clone(), listener, shutdown.clone()).await?)
     })?;
     let address = handle.local_addr().to_string();
+    if !args.json {
+        eprintln!(
+            "coordinator on {address} (e.g. `braid checkpoint now --coordinator {address} --job {}`); worker logs in {}",
+            config.job.name,
+            log_dir.display()
+        );
+    }
     let started = Instant::now();
     let mut children = spawn_workers(&address, workers, &config.cluster.device, &log_dir)?;
 
