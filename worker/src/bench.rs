@@ -88,9 +88,23 @@ fn bench_config(options: &BenchOptions) -> Result<JobConfig, TrainError> {
     config.map_err(|e| TrainError::State { origin: "bench options".into(), reason: e.to_string() })
 }
 
-/// An upload callback that ignores the outcome (the caller waits on the uploader instead).
-fn quiet() -> crate::checkpoint::upload::OnUploaded {
-    Box::new(|_, _| ())
+/// Reads the parts back and checks they hold exactly `state`.
+fn verify_checkpoint(
+    store: &crate::checkpoint::CheckpointStore,
+    parts: &[crate::checkpoint::PartInfo],
+    state: &[(String, Tensor)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut saved = std::collections::HashMap::new();
+    for part in parts {
+        saved.extend(store.read_part(part)?);
+    }
+    for (name, live) in state {
+        let copy = saved.get(name).ok_or_else(|| format!("the checkpoint lacks {name}"))?;
+        if !copy.equal(&live.to_device(Device::Cpu)) {
+            return Err(format!("the checkpoint's {name} differs from the state it was taken of").into());
+        }
+    }
+    Ok(())
 }
 
 /// A fixed batch of random images and token sequences (end token last).
@@ -251,14 +265,19 @@ pub fn run_checkpoint_bench(
 
         // Asynchronous: training is blocked for the submission, then, after the next step's
         // forward and backward (which run beside the host copy), until the copy is done.
+        let (parts_tx, parts_rx) = std::sync::mpsc::channel();
+        let keep_parts = Box::new(move |result: crate::checkpoint::Result<Vec<crate::checkpoint::PartInfo>>, _| {
+            let _ = parts_tx.send(result);
+        });
         let t0 = Instant::now();
-        let copying = uploader.submit(step, &format!("async-{round}"), 0, trainer.state(), quiet()).ok_or("the uploader is busy")?;
+        let copying = uploader.submit(step, &format!("async-{round}"), 0, trainer.state(), keep_parts).ok_or("the uploader is busy")?;
         let submitted = t0.elapsed();
         trainer.compute_gradients(&synthetic, &mut coll)?;
         let t1 = Instant::now();
         copying.wait();
         blocked.push((submitted + t1.elapsed()).as_secs_f64());
-        uploader.wait_idle();
+        // The parameters did not change since the submission: the checkpoint must hold them exactly.
+        verify_checkpoint(&store, &parts_rx.recv()??, &trainer.state())?;
 
         // Upload throughput, alone on the machine like the plain put below.
         let (tx, rx) = std::sync::mpsc::channel();

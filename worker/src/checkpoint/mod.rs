@@ -5,6 +5,7 @@
 //! Layout under the checkpoint URL:
 //! `step-000200/attempt-<id>/rank-0.safetensors`, `step-000200/manifest.json`, `latest`.
 
+mod device_copy;
 pub mod participant;
 pub mod upload;
 

@@ -75,8 +75,18 @@ fn snapshot_into(reuse: Option<Vec<(String, Tensor)>>, tensors: &[(String, Tenso
     };
     tch::no_grad(|| match reuse {
         Some(mut buffers) if fits(&buffers) => {
-            for ((_, dst), (_, src)) in buffers.iter_mut().zip(tensors) {
-                dst.copy_(src);
+            let pairs: Vec<(&Tensor, &Tensor)> = buffers.iter().zip(tensors).map(|((_, d), (_, s))| (d, s)).collect();
+            let on_side_stream = super::device_copy::applies(&pairs).map(|ordinal| super::device_copy::copy_to_host(ordinal, &pairs));
+            match on_side_stream {
+                Some(Ok(())) => {}
+                other => {
+                    if let Some(Err(e)) = other {
+                        tracing::warn!("checkpoint copy on a side stream failed ({e}); copying on the default stream");
+                    }
+                    for ((_, dst), (_, src)) in buffers.iter_mut().zip(tensors) {
+                        dst.copy_(src);
+                    }
+                }
             }
             buffers
         }
