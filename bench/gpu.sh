@@ -76,7 +76,7 @@ measure b16_torch "$PY" bench/open_clip_step.py --preset vit-b-16 --device cuda 
 
 echo "== 5. checkpoint of the ViT-B/16 training state from the GPU (pinned host snapshot)"
 rm -rf /tmp/braid-ckbench
-timeout 150 "$BRAID" bench --preset vit-b-16 --device cuda:0 --batch 64 --checkpoint-to /tmp/braid-ckbench --rounds 3 \
+timeout 150 "$BRAID" bench --preset vit-b-16 --device cuda:0 --batch 256 --checkpoint-to /tmp/braid-ckbench --rounds 3 \
   | tee "$OUT/checkpoint_bench.txt"
 rm -rf /tmp/braid-ckbench
 
