@@ -172,8 +172,8 @@ fn train(
 ) -> Result<(), WorkerError> {
     let tokenizer = tokenizer::load_tokenizer(&config.data.tokenizer)?;
     let host = options.advertise_host.clone().unwrap_or_else(|| local_host_towards(&options.coordinator));
-    let (listener, port) = RingListener::bind(&format!("0.0.0.0:0"))?;
-    let endpoint = format!("{host}:{}", port_of(&port));
+    let (listener, bound) = RingListener::bind("0.0.0.0:0")?;
+    let endpoint = format!("{host}:{}", port_of(&bound));
 
     // Rendezvous: poll until a generation that includes this worker is formed.
     let rendezvous = loop {
