@@ -350,7 +350,7 @@ impl DeviceBatch {
     pub fn from_batch(batch: &Batch, slot: usize, image_size: i64, device: Device, kind: Kind) -> Self {
         let b = batch.valid.len();
         assert!(b <= slot, "a rank batch of {b} does not fit slot {slot}");
-        let context = if b == 0 { 1 } else { (batch.tokens.len() / b) as i64 };
+        let context = batch.tokens.len().checked_div(b).unwrap_or(1) as i64;
         let pad = (slot - b) as i64;
         let images = Tensor::from_slice(&batch.images).view([b as i64, 3, image_size, image_size]);
         let tokens = Tensor::from_slice(&batch.tokens).view([b as i64, context]);

@@ -135,7 +135,7 @@ async fn stop_on_signal(client: CoordinatorClient, grace: Duration) {
     tracing::warn!("{name}: asking for a checkpoint, then stopping (grace period {:.0} s)", grace.as_secs_f64());
     if let Err(e) = client.request_checkpoint(&format!("{name} on worker {who}"), true).await {
         tracing::error!("{name}: no checkpoint can be taken ({e}); stopping now");
-        let _ = client.leave(&format!("{name}")).await;
+        let _ = client.leave(name).await;
         std::process::exit(1);
     }
     tokio::select! {

@@ -22,7 +22,7 @@ fn check(what: &str, result: CUresult) -> Result<(), String> {
 /// Whether `copy_to_host` can take these pairs: CUDA sources on one device, contiguous, with
 /// pinned host destinations of the same size and kind.
 pub fn applies(pairs: &[(&Tensor, &Tensor)]) -> Option<usize> {
-    let Some((_, first)) = pairs.first() else { return None };
+    let (_, first) = pairs.first()?;
     let Device::Cuda(ordinal) = first.device() else { return None };
     pairs
         .iter()

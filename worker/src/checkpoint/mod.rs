@@ -224,7 +224,7 @@ pub fn safetensors_chunks(tensors: &[(String, Tensor)]) -> Result<Vec<Bytes>> {
         chunks.push(Bytes::from_owner(TensorBytes(host)));
     }
     let mut json = serde_json::to_vec(&header).expect("a header always serialises");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut head = (json.len() as u64).to_le_bytes().to_vec();
