@@ -35,6 +35,19 @@ pub async fn prepare(config: JobConfig) -> Result<CoordinatorService> {
     let root = config.checkpoint.url.as_deref().map(store::open).transpose()?;
     let resume = match (&root, config.checkpoint.resume) {
         (Some(root), true) => commit::find_resumable(root).await?,
+        (Some(root), false) => {
+            // A fresh start must not collide with (or overwrite) checkpoints already committed.
+            if let Some((manifest, committed)) = commit::read_latest(root).await? {
+                return Err(Error::Checkpoint(format!(
+                    "{} already holds committed checkpoints (latest: step {} at {}); set [checkpoint] resume = true \
+                     to continue from it, or choose another [checkpoint] url",
+                    root.url(),
+                    manifest.step,
+                    committed.manifest_url
+                )));
+            }
+            None
+        }
         _ => None,
     };
     let nonce = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();

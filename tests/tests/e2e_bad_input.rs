@@ -183,3 +183,25 @@ fn example_jobs_validate() {
     }
     assert!(checked >= 2, "expected the example jobs, found {checked}");
 }
+
+/// A fresh start (`resume = false`) on a checkpoint root that already holds committed
+/// checkpoints is refused, naming the root, and leaves the checkpoints as they were.
+#[test]
+fn fresh_start_over_committed_checkpoints_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_data(&dir.path().join("data"), 100, 20, 100);
+    let ckpt = dir.path().join("ckpt");
+    let first = JobFile { steps: 2, global_batch: 8, workers: 1, checkpoint: Some(ckpt.clone()), ..JobFile::new("fresh", &data) }
+        .write(&dir.path().join("job.toml"));
+    let out = braid_run(&first, 1, &dir.path().join("logs"), Duration::from_secs(120));
+    assert!(out.status.success(), "the first run failed:\n{}", out.text());
+    let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap();
+
+    let again = JobFile { steps: 2, global_batch: 8, workers: 1, checkpoint: Some(ckpt.clone()), resume: false, ..JobFile::new("fresh", &data) }
+        .write(&dir.path().join("again.toml"));
+    let out = braid_run(&again, 1, &dir.path().join("logs2"), Duration::from_secs(60));
+    assert!(!out.status.success(), "a fresh start over committed checkpoints succeeded:\n{}", out.text());
+    let text = out.text();
+    assert!(text.contains("already holds committed checkpoints") && text.contains("resume = true"), "{text}");
+    assert_eq!(std::fs::read_to_string(ckpt.join("latest")).unwrap(), latest, "latest changed");
+}
