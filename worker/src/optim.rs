@@ -73,11 +73,6 @@ impl AdamW {
         self.slots.iter().map(|s| (s.name.as_str(), &s.param))
     }
 
-    /// Names of the parameters that take weight decay.
-    pub fn decayed(&self) -> Vec<&str> {
-        self.slots.iter().filter(|s| s.decay).map(|s| s.name.as_str()).collect()
-    }
-
     /// Gradients of all parameters, in the optimizer's order.
     pub fn grads(&self) -> Vec<Tensor> {
         self.slots.iter().map(|s| s.param.grad()).collect()
