@@ -5,7 +5,9 @@
 #   3. an end-to-end `braid run` of CLIP-tiny on the GPU (one worker, NCCL engine);
 #   4. CLIP ViT-B/16, batch 256, bf16: braid vs open_clip in PyTorch eager (autocast bf16,
 #      scaled_dot_product_attention, fused AdamW), with samples/s, MFU, peak GPU memory, ratio;
-#   5. the checkpoint benchmark on the ViT-B/16 state held on the GPU.
+#   5. the checkpoint benchmark on the ViT-B/16 state held on the GPU;
+#   6. where the step time goes: profiler traces of 3 ViT-B/16 steps of braid and of the
+#      reference, summarised by bench/trace_summary.py; and braid with activation checkpointing.
 # Usage: bench/gpu.sh [BRAID_BINARY] ; PYTHON= picks the interpreter that has torch (and
 # open_clip); OUT= the output folder (default bench/out). Prints a table, writes table.md.
 set -uo pipefail
@@ -79,5 +81,17 @@ rm -rf /tmp/braid-ckbench
 timeout 150 "$BRAID" bench --preset vit-b-16 --device cuda:0 --batch 256 --checkpoint-to /tmp/braid-ckbench --rounds 3 \
   | tee "$OUT/checkpoint_bench.txt"
 rm -rf /tmp/braid-ckbench
+
+echo "== 6. where the time goes: profiler traces of 3 steps; activation checkpointing"
+"$BRAID" bench --preset vit-b-16 --device cuda:0 --precision bf16 --batch "$BATCH" --steps 3 --warmup 3 \
+  --trace "$OUT/trace_braid.json" --json > /dev/null || echo "braid trace failed"
+"$PY" bench/open_clip_step.py --preset vit-b-16 --device cuda --precision bf16 --batch "$BATCH" --steps 3 --warmup 3 \
+  --trace "$OUT/trace_torch.json" > /dev/null || echo "reference trace failed"
+for t in braid torch; do
+  [ -f "$OUT/trace_$t.json" ] && "$PY" bench/trace_summary.py "$OUT/trace_$t.json" --top 25 | tee "$OUT/trace_$t.md"
+  [ -f "$OUT/trace_$t.json" ] && gzip -f "$OUT/trace_$t.json"
+done
+measure b16_braid_ac "$BRAID" bench --preset vit-b-16 --device cuda:0 --precision bf16 --batch "$BATCH" \
+  --steps "$STEPS" --warmup "$WARMUP" --activation-checkpointing --json
 
 "$PY" bench/gpu_table.py "$OUT" | tee "$OUT/table.md"

@@ -67,6 +67,17 @@ def main() -> None:
     for name, sps, ms, mfu, mem in rows:
         print(f"| {name} | {sps:.1f} | {ms:.1f} | {mfu:.1f}% | {mem} |")
     print(f"\nratio braid / PyTorch eager samples/s: {rows[0][1] / rows[1][1]:.3f}x")
+    ac = load(out / "b16_braid_ac.json")
+    if ac:
+        step = ac["step_seconds"]
+        print(f"\nbraid with activation checkpointing: {ac['samples_per_second']:.1f} samples/s, {1e3 * step:.1f} ms/step, "
+              f"MFU {100 * flops / step / (PEAK_TFLOPS * 1e12):.1f}% (model FLOPs, recomputation not counted), "
+              f"peak GPU memory {peak_mib(out / 'b16_braid_ac.mem')} MiB")
+    for name, label in (("braid", "braid"), ("torch", "PyTorch eager (open_clip)")):
+        summary = out / f"trace_{name}.md"
+        if summary.exists():
+            print(f"\nWhere {label}'s step time goes (3 profiled steps):\n")
+            print(summary.read_text().strip())
 
 
 if __name__ == "__main__":

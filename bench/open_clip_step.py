@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--vocab", type=int, default=49408)
+    ap.add_argument("--trace", help="after the timed steps, profile 3 more and write a Chrome trace here")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -80,6 +81,15 @@ def main() -> None:
         step()
         sync()
         times.append(time.perf_counter() - t0)
+    if args.trace:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        prof.export_chrome_trace(args.trace)
     median = statistics.median(times)
     out = {
         "impl": "open_clip",

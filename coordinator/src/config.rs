@@ -143,6 +143,10 @@ pub struct TrainSection {
     /// Intra-op threads per worker for CPU math; 0 = libtorch's default. Default 0.
     #[serde(default)]
     pub threads: usize,
+    /// Recompute each transformer block's activations during the backward pass instead of
+    /// keeping them: less memory for about one more forward pass of compute. Default false.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 /// `[cluster]`
@@ -168,6 +172,10 @@ pub struct ClusterSection {
     /// per collective call). Default 25.
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// Kind of the gradients on the wire: `fp32`, or `bf16` (half the bytes; each bucket is
+    /// summed in bf16 by the collective, then widened back to the fp32 gradients). Default `fp32`.
+    #[serde(default = "default_reduce_precision")]
+    pub reduce_precision: String,
     /// Device of each worker: `cpu`, `cuda` (one per local GPU) or `cuda:N`. Default `cpu`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -280,6 +288,9 @@ fn default_rendezvous_grace() -> f64 {
 fn default_collective_timeout() -> f64 {
     60.0
 }
+fn default_reduce_precision() -> String {
+    "fp32".into()
+}
 fn default_bucket_mb() -> f64 {
     25.0
 }
@@ -324,6 +335,7 @@ impl Default for TrainSection {
             grad_clip: default_grad_clip(),
             precision: default_precision(),
             threads: 0,
+            activation_checkpointing: false,
         }
     }
 }
@@ -337,6 +349,7 @@ impl Default for ClusterSection {
             rendezvous_grace_s: default_rendezvous_grace(),
             collective_timeout_s: default_collective_timeout(),
             bucket_mb: default_bucket_mb(),
+            reduce_precision: default_reduce_precision(),
             device: default_device(),
         }
     }
@@ -498,6 +511,12 @@ impl JobConfig {
         }
         if !(c.bucket_mb > 0.0 && c.bucket_mb.is_finite()) {
             p.push(format!("cluster.bucket_mb = {}: must be a positive size in MiB", c.bucket_mb));
+        }
+        if !matches!(c.reduce_precision.as_str(), "fp32" | "bf16") {
+            p.push(format!("cluster.reduce_precision = {:?}: use fp32 or bf16", c.reduce_precision));
+        }
+        if c.reduce_precision == "bf16" && t.precision == "fp64" {
+            p.push("cluster.reduce_precision = \"bf16\" with train.precision = \"fp64\": fp64 runs reduce in fp64".into());
         }
         if c.rendezvous_grace_s < 0.0 {
             p.push(format!("cluster.rendezvous_grace_s = {}: must be >= 0", c.rendezvous_grace_s));

@@ -36,6 +36,10 @@ pub struct BenchOptions {
     pub peak_tflops: Option<f64>,
     /// Record the loss of every timed step.
     pub record_losses: bool,
+    /// Recompute each transformer block's activations in the backward pass.
+    pub activation_checkpointing: bool,
+    /// Where to write a profiler trace of a few extra steps, if anywhere.
+    pub trace: Option<std::path::PathBuf>,
 }
 
 /// Measured throughput.
@@ -69,6 +73,8 @@ pub struct BenchReport {
     pub peak_memory_bytes: Option<u64>,
     /// Median seconds of the update alone (clipping, AdamW, logit-scale clamp).
     pub update_seconds: f64,
+    /// Whether the transformer blocks' activations were recomputed in the backward pass.
+    pub activation_checkpointing: bool,
     /// Loss of every timed step, when asked for (to compare precisions).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub losses: Option<Vec<f64>>,
@@ -77,12 +83,13 @@ pub struct BenchReport {
 fn bench_config(options: &BenchOptions) -> Result<JobConfig, TrainError> {
     let text = format!(
         "[job]\nname = \"bench\"\n[model]\nfamily = \"{}\"\npreset = \"{}\"\n[data]\ntrain = \"unused\"\n\
-         [train]\nglobal_batch = {}\nsteps = {}\nprecision = \"{}\"\nwarmup_steps = 1\n",
+         [train]\nglobal_batch = {}\nsteps = {}\nprecision = \"{}\"\nwarmup_steps = 1\nactivation_checkpointing = {}\n",
         options.family,
         options.preset,
         options.batch,
-        options.steps + options.warmup,
-        options.precision
+        options.steps + options.warmup + TRACED_STEPS,
+        options.precision,
+        options.activation_checkpointing
     );
     let config = JobConfig::parse(&text, "bench").and_then(|c| c.validate("bench options").map(|()| c));
     config.map_err(|e| TrainError::State { origin: "bench options".into(), reason: e.to_string() })
@@ -117,6 +124,9 @@ fn synthetic_batch(batch: usize, image_size: i64, context: i64, vocab_size: i64,
         valid: Tensor::ones([b], (Kind::Bool, device)),
     })
 }
+
+/// Steps recorded by `--trace` after the timed ones.
+const TRACED_STEPS: usize = 3;
 
 /// Runs the benchmark.
 pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
@@ -155,6 +165,14 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         update_times.push(t1.elapsed().as_secs_f64());
         losses.push(loss);
     }
+    if let Some(path) = &options.trace {
+        let profiler = crate::profiler::Profiler::start(matches!(device, Device::Cuda(_)))?;
+        for step in 0..TRACED_STEPS {
+            trainer.train_step((options.warmup + options.steps + step) as u64, &batch, &mut coll)?;
+        }
+        sync();
+        profiler.finish(path)?;
+    }
     update_times.sort_by(|a, b| a.total_cmp(b));
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
@@ -176,6 +194,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         peak_memory_bytes: None,
         losses: options.record_losses.then_some(losses),
         update_seconds: update_times[update_times.len() / 2],
+        activation_checkpointing: options.activation_checkpointing,
     })
 }
 

@@ -11,5 +11,6 @@ pub mod models;
 pub mod multi_tensor;
 pub mod objectives;
 pub mod optim;
+pub mod profiler;
 pub mod trainer;
 pub mod worker;

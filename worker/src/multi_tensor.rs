@@ -42,7 +42,8 @@ pub struct KernelError {
     pub message: String,
 }
 
-fn check(op: &'static str, message: *mut c_char) -> Result<(), KernelError> {
+/// `Ok` for a null message from the shim; otherwise the message as an error of `op` (freed here).
+pub(crate) fn check(op: &'static str, message: *mut c_char) -> Result<(), KernelError> {
     if message.is_null() {
         return Ok(());
     }

@@ -10,7 +10,7 @@ use std::ops::Range;
 use braid_coordinator::config::JobConfig;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::collective::{all_reduce_buckets, Collective, CollectiveError};
+use crate::collective::{all_reduce_buckets, Collective, CollectiveError, ReducePrecision};
 use crate::data::loader::Batch;
 use crate::models::clip::{Clip, ClipConfig};
 use crate::models::layers::Activation;
@@ -102,7 +102,10 @@ pub struct ClipTrainer {
     min_lr: f64,
     grad_clip: f64,
     max_micro_batch: usize,
+    activation_checkpointing: bool,
     bucket_bytes: usize,
+    /// Dtype of the gradients on the wire (`cluster.reduce_precision`).
+    reduce_precision: ReducePrecision,
 }
 
 /// Runs `f` with libtorch's global generator seeded with `seed`, holding a lock so that
@@ -152,7 +155,9 @@ impl ClipTrainer {
             min_lr: t.min_lr,
             grad_clip: t.grad_clip,
             max_micro_batch: t.max_micro_batch,
+            activation_checkpointing: t.activation_checkpointing,
             bucket_bytes: (config.cluster.bucket_mb * (1 << 20) as f64) as usize,
+            reduce_precision: ReducePrecision::parse(&config.cluster.reduce_precision).expect("validated reduce_precision"),
         })
     }
 
@@ -225,11 +230,19 @@ impl ClipTrainer {
 
         let micro = if self.max_micro_batch == 0 { batch.len() } else { self.max_micro_batch.min(batch.len()) };
         let single_pass = micro >= batch.len();
-        // Stage 1: this rank's features (kept in the graph when there is one micro-batch).
-        let (image, text) = if single_pass {
-            (self.model.encode_image(&batch.images), self.model.encode_text(&batch.tokens, &batch.eot_index))
-        } else {
+        // Stage 1: this rank's features (kept in the graph when there is one micro-batch; with
+        // activation checkpointing, the graph of each tower's stem and head and its block inputs).
+        let mut tapes = None;
+        let (image, text) = if !single_pass {
             tch::no_grad(|| self.encode_in_chunks(batch, micro))
+        } else if self.activation_checkpointing {
+            let image = self.model.encode_image_checkpointed(&batch.images);
+            let text = self.model.encode_text_checkpointed(&batch.tokens, &batch.eot_index);
+            let features = (image.output().detach(), text.output().detach());
+            tapes = Some((image, text));
+            features
+        } else {
+            (self.model.encode_image(&batch.images), self.model.encode_text(&batch.tokens, &batch.eot_index))
         };
         let image_all = coll.all_gather(&image.detach())?;
         let text_all = coll.all_gather(&text.detach())?;
@@ -247,25 +260,42 @@ impl ClipTrainer {
         let (image_grad, text_grad) = (local_grads.narrow(1, 0, dim), local_grads.narrow(1, dim, dim));
 
         // Stage 3: backward of this rank's slice through the towers.
-        if single_pass {
+        if let Some((image_tape, text_tape)) = tapes {
+            image_tape.backward(&image_grad);
+            text_tape.backward(&text_grad);
+        } else if single_pass {
             surrogate(&image, &image_grad, &text, &text_grad).backward();
         } else {
             for start in (0..batch.len()).step_by(micro) {
                 let len = micro.min(batch.len() - start) as i64;
                 let part = batch.narrow(start as i64, len);
-                let image = self.model.encode_image(&part.images);
-                let text = self.model.encode_text(&part.tokens, &part.eot_index);
                 let s = start as i64;
-                surrogate(&image, &image_grad.narrow(0, s, len), &text, &text_grad.narrow(0, s, len)).backward();
+                let (image_grad, text_grad) = (image_grad.narrow(0, s, len), text_grad.narrow(0, s, len));
+                if self.activation_checkpointing {
+                    self.model.encode_image_checkpointed(&part.images).backward(&image_grad);
+                    self.model.encode_text_checkpointed(&part.tokens, &part.eot_index).backward(&text_grad);
+                } else {
+                    let image = self.model.encode_image(&part.images);
+                    let text = self.model.encode_text(&part.tokens, &part.eot_index);
+                    surrogate(&image, &image_grad, &text, &text_grad).backward();
+                }
             }
         }
 
-        // Sum gradients over ranks (with the loss share riding along), clip, update.
+        // Sum gradients over ranks, the loss share riding along unless the wire is bf16 (the
+        // reported loss keeps full precision then, at the cost of one more small collective).
         let mut grads = self.optimizer.grads();
-        let loss_share = loss.detach().to_kind(grads[0].kind()).reshape([1]);
-        grads.push(loss_share);
-        all_reduce_buckets(coll, &mut grads, self.bucket_bytes)?;
-        let global_loss = grads.pop().expect("loss share").double_value(&[0]);
+        let mut loss_share = loss.detach().to_kind(grads[0].kind()).reshape([1]);
+        let global_loss = if self.reduce_precision == ReducePrecision::Fp32 {
+            grads.push(loss_share);
+            all_reduce_buckets(coll, &mut grads, self.bucket_bytes, self.reduce_precision)?;
+            grads.pop().expect("loss share")
+        } else {
+            all_reduce_buckets(coll, &mut grads, self.bucket_bytes, self.reduce_precision)?;
+            coll.all_reduce_sum(&mut loss_share)?;
+            loss_share
+        };
+        let global_loss = global_loss.double_value(&[0]);
         let samples = valid_all.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as u64;
         Ok((global_loss, samples))
     }

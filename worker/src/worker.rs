@@ -254,6 +254,7 @@ fn train(
                 checkpointer.before_update();
             }
         })?;
+        coll.check()?;
         step_now.store(step, Ordering::Relaxed);
         if rank == 0 && (step % config.telemetry.log_every_steps.max(1) == 0 || step + 1 == plan_reply.total_steps) {
             tracing::info!(step, loss = stats.loss, lr = stats.lr, grad_norm = stats.grad_norm, logit_scale = stats.logit_scale, "step");

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use braid::collective::{
-    all_reduce_buckets, Collective, CollectiveError, RingCollective, RingListener,
+    all_reduce_buckets, Collective, CollectiveError, ReducePrecision, RingCollective,
+    RingListener,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -234,7 +235,7 @@ fn bucketed_all_reduce_sums_every_tensor() {
     };
     let results = on_each(&mut rings, |ring| {
         let mut tensors = make(ring.rank());
-        all_reduce_buckets(ring, &mut tensors, 128).unwrap();
+        all_reduce_buckets(ring, &mut tensors, 128, ReducePrecision::Fp32).unwrap();
         tensors
     });
     for tensors in &results {
@@ -248,6 +249,85 @@ fn bucketed_all_reduce_sums_every_tensor() {
                 &expected.to_kind(t.kind()),
                 &format!("bucketed tensor {i}"),
             );
+        }
+    }
+}
+
+/// Rank `rank`'s f32 gradient for the bf16 wire test: non-integers of either sign with
+/// magnitudes in [0.02, 10.02], so that sums of up to 3 of their bf16 roundings are exact in
+/// f32 (at most 18 significant bits) and the ring's summation order cannot change them.
+fn gradient(rank: usize, n: usize, seed: f64) -> Tensor {
+    let i = Tensor::arange(n as i64, (Kind::Double, Device::Cpu));
+    let phase = &i * 0.37 + (rank as f64 * 1.1 + seed);
+    let magnitude = phase.sin().abs() * 10.0 + 0.02;
+    let sign = (&i * 0.91 + rank as f64 * 2.3 + seed).cos().sign();
+    (magnitude * sign).to_kind(Kind::Float)
+}
+
+#[test]
+fn bf16_wire_sums_the_bf16_rounded_gradients_exactly() {
+    let shapes: [(Kind, &[i64]); 5] = [
+        (Kind::Float, &[3, 4]),
+        (Kind::Float, &[5]),
+        (Kind::Float, &[1000]),
+        (Kind::BFloat16, &[2, 2]),
+        (Kind::Double, &[]),
+    ];
+    let make = |rank: usize| -> Vec<Tensor> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(k, (kind, shape))| {
+                let numel = shape.iter().product::<i64>() as usize;
+                match kind {
+                    Kind::Float => gradient(rank, numel, k as f64),
+                    _ => input(rank, numel, *kind, true),
+                }
+                .reshape(*shape)
+            })
+            .collect()
+    };
+    for world_size in [2, 3] {
+        let mut rings = connect_ring(world_size, 11, TIMEOUT);
+        // 128-byte buckets: tensors 0 and 1 share one, 2 (4000 bytes), 3 and 4 have their own.
+        let reduce = |rings: &mut [RingCollective], precision| {
+            on_each(rings, |ring| {
+                let mut tensors = make(ring.rank());
+                all_reduce_buckets(ring, &mut tensors, 128, precision).unwrap();
+                tensors
+            })
+        };
+        let wire = reduce(&mut rings, ReducePrecision::Bf16);
+        let full = reduce(&mut rings, ReducePrecision::Fp32);
+        for (rank, tensors) in wire.iter().enumerate() {
+            assert_same(&tensors[0], &wire[0][0], &format!("W={world_size} rank {rank} agrees"));
+            for (i, t) in tensors.iter().enumerate() {
+                let what = format!("W={world_size} rank {rank} tensor {i}");
+                let mut exact = Tensor::zeros(t.size(), (Kind::Double, Device::Cpu));
+                let mut rounded = Tensor::zeros(t.size(), (Kind::Double, Device::Cpu));
+                let mut magnitude = Tensor::zeros(t.size(), (Kind::Double, Device::Cpu));
+                for r in 0..world_size {
+                    let g = &make(r)[i];
+                    exact += g.to_kind(Kind::Double);
+                    magnitude += g.to_kind(Kind::Double).abs();
+                    rounded += g.to_kind(Kind::BFloat16).to_kind(Kind::Double);
+                }
+                if t.kind() == Kind::Double {
+                    // f64 buckets are not cast.
+                    assert_same(t, &exact, &what);
+                    continue;
+                }
+                // The ring sums the bf16 values in f32 and rounds the sum to bf16 once.
+                let expected = rounded.to_kind(Kind::BFloat16).to_kind(t.kind());
+                assert_same(t, &expected, &what);
+                // Within bf16 rounding of the fp32 sum.
+                let error = (t.to_kind(Kind::Double) - &exact).abs();
+                let worst = (error / magnitude).max().double_value(&[]);
+                assert!(worst < 1e-2, "{what}: relative error {worst}");
+            }
+            // The f32 gradients really went through bf16: the fp32 wire gives other values.
+            let differs = (&tensors[2] - &full[rank][2]).abs().max().double_value(&[]);
+            assert!(differs > 0.0, "W={world_size}: bf16 wire equals the fp32 one");
         }
     }
 }

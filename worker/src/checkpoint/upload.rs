@@ -2,6 +2,9 @@
 //! state to host memory while the next step's forward and backward run (they only read the
 //! parameters); training waits for that copy only before its next optimizer update, if at all.
 //! Then the copy is serialised and uploaded in the background. At most one upload is in flight.
+//!
+//! On a GPU the submitting thread marks its place in the default stream, so the copy waits for
+//! the checkpoint step's update only, not for the kernels queued after the submission.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Tensor};
 
+use super::device_copy::{self, StreamPoint};
 use super::{CheckpointStore, PartInfo, Result};
 
 /// What to do with the outcome of an upload (vote, log) and its duration after the host copy,
@@ -23,6 +27,8 @@ struct Job {
     rank: usize,
     /// The live tensors (sharing storage with the model and optimizer) to copy first.
     live: Vec<(String, Tensor)>,
+    /// Where, on the GPU, the live tensors hold the checkpoint step's values.
+    after: Option<StreamPoint>,
     copied: Arc<Latch>,
     then: OnUploaded,
 }
@@ -63,49 +69,50 @@ pub struct Uploader {
 
 /// Copies named tensors to host memory, so training can keep changing the originals.
 pub fn snapshot(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    snapshot_into(None, tensors)
+    snapshot_into(None, tensors, None)
 }
 
 /// Like [`snapshot`], copying into `reuse` when its names, shapes and kinds match (no fresh
-/// allocation, so no page faults); GPU tensors land in pinned host memory.
-fn snapshot_into(reuse: Option<Vec<(String, Tensor)>>, tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+/// allocation, so no page faults); GPU tensors land in pinned host memory, copied on a side
+/// stream after `after` when given.
+fn snapshot_into(
+    reuse: Option<Vec<(String, Tensor)>>,
+    tensors: &[(String, Tensor)],
+    after: Option<&StreamPoint>,
+) -> Vec<(String, Tensor)> {
     let fits = |buffers: &Vec<(String, Tensor)>| {
         buffers.len() == tensors.len()
             && buffers.iter().zip(tensors).all(|((bn, b), (n, t))| bn == n && b.size() == t.size() && b.kind() == t.kind())
     };
-    tch::no_grad(|| match reuse {
-        Some(mut buffers) if fits(&buffers) => {
-            let pairs: Vec<(&Tensor, &Tensor)> = buffers.iter().zip(tensors).map(|((_, d), (_, s))| (d, s)).collect();
-            let on_side_stream = super::device_copy::applies(&pairs).map(|ordinal| super::device_copy::copy_to_host(ordinal, &pairs));
-            match on_side_stream {
-                Some(Ok(())) => {}
-                other => {
-                    if let Some(Err(e)) = other {
-                        tracing::warn!("checkpoint copy on a side stream failed ({e}); copying on the default stream");
-                    }
-                    for ((_, dst), (_, src)) in buffers.iter_mut().zip(tensors) {
-                        dst.copy_(src);
-                    }
+    tch::no_grad(|| {
+        let mut buffers = match reuse {
+            Some(buffers) if fits(&buffers) => buffers,
+            _ => tensors.iter().map(|(n, t)| (n.clone(), host_buffer(t))).collect(),
+        };
+        let pairs: Vec<(&Tensor, &Tensor)> = buffers.iter().zip(tensors).map(|((_, d), (_, s))| (d, s)).collect();
+        let on_side_stream = device_copy::applies(&pairs).map(|ordinal| device_copy::copy_to_host(ordinal, &pairs, after));
+        match on_side_stream {
+            Some(Ok(())) => {}
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::warn!("checkpoint copy on a side stream failed ({e}); copying on the default stream");
+                }
+                for ((_, dst), (_, src)) in buffers.iter_mut().zip(tensors) {
+                    dst.copy_(src);
                 }
             }
-            buffers
         }
-        _ => tensors
-            .iter()
-            .map(|(n, t)| {
-                let host = match t.device() {
-                    Device::Cpu => t.detach().copy(),
-                    gpu => {
-                        let pinned = Tensor::empty(t.size(), (t.kind(), Device::Cpu)).pin_memory(gpu);
-                        let mut pinned = pinned;
-                        pinned.copy_(t);
-                        pinned
-                    }
-                };
-                (n.clone(), host)
-            })
-            .collect(),
+        buffers
     })
+}
+
+/// An uninitialised host tensor shaped like `t`: pinned when `t` lives on a GPU.
+fn host_buffer(t: &Tensor) -> Tensor {
+    let host = Tensor::empty(t.size(), (t.kind(), Device::Cpu));
+    match t.device() {
+        Device::Cpu => host,
+        gpu => host.pin_memory(gpu),
+    }
 }
 
 impl Uploader {
@@ -121,8 +128,9 @@ impl Uploader {
             .spawn(move || {
                 for job in rx {
                     let reuse = thread_buffers.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    let host = snapshot_into(reuse, &job.live);
+                    let host = snapshot_into(reuse, &job.live, job.after.as_ref());
                     drop(job.live);
+                    drop(job.after);
                     job.copied.open();
                     let started = Instant::now();
                     let result = store.write_parts(job.step, &job.attempt, job.rank, &host);
@@ -173,8 +181,13 @@ impl Uploader {
             *busy = true;
             self.busy_flag.store(true, Ordering::SeqCst);
         }
+        let after = device_copy::device_of(&live).and_then(|ordinal| {
+            StreamPoint::record(ordinal)
+                .map_err(|e| tracing::warn!("marking the checkpoint step on the GPU stream failed ({e}); the copy waits for later work"))
+                .ok()
+        });
         let copied = Arc::new(Latch::default());
-        let job = Job { step, attempt: attempt.to_string(), rank, live, copied: copied.clone(), then };
+        let job = Job { step, attempt: attempt.to_string(), rank, live, after, copied: copied.clone(), then };
         self.jobs.as_ref().expect("uploader is running").send(job).expect("the upload thread is alive");
         Some(copied)
     }

@@ -49,6 +49,13 @@ pub struct BenchArgs {
     /// Record every timed step's loss in the JSON output.
     #[arg(long)]
     losses: bool,
+    /// Recompute each transformer block's activations in the backward pass (less memory).
+    #[arg(long)]
+    activation_checkpointing: bool,
+    /// After the timed steps, profile 3 more with libtorch's profiler and write a Chrome trace
+    /// here (summarise it with bench/trace_summary.py, or open it in Perfetto).
+    #[arg(long)]
+    trace: Option<std::path::PathBuf>,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -83,6 +90,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         vocab_size: args.vocab_size,
         peak_tflops,
         record_losses: args.losses,
+        activation_checkpointing: args.activation_checkpointing,
+        trace: args.trace,
     })?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

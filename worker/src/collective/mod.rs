@@ -3,7 +3,12 @@
 //! A worker picks its engine with [`Engine::for_device`], prepares what the engine's rendezvous
 //! needs (a [`RingListener`] endpoint, or an [`NcclUniqueId`] on rank 0), publishes it through the
 //! coordinator, and then calls [`connect_collective`] with what every rank received.
-//! Gradients go through [`all_reduce_buckets`], which packs tensors into flat buckets.
+//! Gradients go through [`all_reduce_buckets`], which packs tensors into flat buckets and
+//! puts them on the wire in the [`ReducePrecision`] the job asks for.
+//!
+//! The NCCL engine is asynchronous: a call returns once its operation is enqueued on the
+//! stream, and a watchdog thread reports a collective that fails or hangs at the next call or
+//! [`Collective::check`]. The ring engine finishes every call before returning.
 
 mod nccl;
 mod ring;
@@ -29,12 +34,26 @@ pub trait Collective: Send {
     fn rank(&self) -> usize;
     /// Number of ranks in the group.
     fn world_size(&self) -> usize;
-    /// Sum across ranks, in place. Any dtype among f32, f64, bf16 (bf16 accumulated in f32).
+    /// Sum across ranks, in place. Any dtype among f32, f64, bf16, f16 (bf16 and f16
+    /// accumulated in f32 and rounded once).
     fn all_reduce_sum(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError>;
+    /// Sum across ranks, in place, moved in the tensor's own dtype where the engine can: NCCL
+    /// sends bf16 and f16 as they are (half the bytes of f32) and rounds its partial sums to
+    /// that dtype. The default, which the ring keeps, is [`Collective::all_reduce_sum`].
+    fn all_reduce_sum_in_dtype(&mut self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(tensor)
+    }
     /// Concatenation along dim 0 of every rank's tensor (same shape on every rank), in rank order.
     fn all_gather(&mut self, tensor: &Tensor) -> Result<Tensor, CollectiveError>;
     /// Copies root's tensor into every rank's tensor, in place.
     fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
+    /// Reports a failure detected after a call returned (NCCL's watchdog: a collective that
+    /// timed out or failed asynchronously), as the next call would. A worker calls it after a
+    /// step, before reporting the step or checkpointing its results. Engines that finish every
+    /// call before returning (the ring) have nothing to report.
+    fn check(&mut self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
     /// Short name for logs ("ring", "nccl").
     fn engine(&self) -> &'static str;
 }
@@ -271,24 +290,73 @@ fn split_buckets<K: PartialEq>(items: &[(usize, K)], bucket_bytes: usize) -> Vec
     buckets
 }
 
+/// The dtype gradients travel in during [`all_reduce_buckets`] (`cluster.reduce_precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReducePrecision {
+    /// Every bucket reduced in its own dtype with [`Collective::all_reduce_sum`].
+    #[default]
+    Fp32,
+    /// f32 and bf16 buckets travel as bf16, half the bytes of f32: cast, reduced with
+    /// [`Collective::all_reduce_sum_in_dtype`], and written back into the gradients in their
+    /// own dtype. NCCL sums in bf16; the ring sums the bf16 values in f32 and rounds once (it
+    /// sends f32, so it saves no bytes). f64 and f16 buckets are reduced as with `Fp32`.
+    Bf16,
+}
+
+impl ReducePrecision {
+    /// The precision a config names: `fp32` or `bf16`.
+    pub fn parse(name: &str) -> Option<ReducePrecision> {
+        match name {
+            "fp32" => Some(ReducePrecision::Fp32),
+            "bf16" => Some(ReducePrecision::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The dtype a bucket of `kind` travels in, when it is cast for the wire.
+    fn wire_kind(self, kind: Kind) -> Option<Kind> {
+        match (self, kind) {
+            (ReducePrecision::Bf16, Kind::Float | Kind::BFloat16) => Some(Kind::BFloat16),
+            _ => None,
+        }
+    }
+}
+
 /// All-reduces (sums) `tensors` in place, bucket by bucket (see [`bucket_ranges`]): each bucket
-/// of several tensors is flattened into one buffer, reduced in one call, and copied back.
+/// of several tensors is flattened into one buffer, reduced in one call, and copied back; with
+/// [`ReducePrecision::Bf16`] the buffer is bf16. First reports a failure the collective detected
+/// since its last call ([`Collective::check`]).
 pub fn all_reduce_buckets<C: Collective + ?Sized>(
     collective: &mut C,
     tensors: &mut [Tensor],
     bucket_bytes: usize,
+    precision: ReducePrecision,
 ) -> Result<(), CollectiveError> {
+    collective.check()?;
     if collective.world_size() == 1 {
         return Ok(());
     }
     for range in bucket_ranges(tensors, bucket_bytes) {
         let bucket = &mut tensors[range];
-        if let [single] = bucket {
-            collective.all_reduce_sum(single)?;
-        } else {
-            let mut flat = flatten(bucket)?;
-            collective.all_reduce_sum(&mut flat)?;
-            unflatten(&flat, bucket)?;
+        let kind = bucket[0].f_kind()?;
+        match (precision.wire_kind(kind), &mut *bucket) {
+            (None, [single]) => collective.all_reduce_sum(single)?,
+            (None, bucket) => {
+                let mut flat = flatten(bucket)?;
+                collective.all_reduce_sum(&mut flat)?;
+                unflatten(&flat, bucket)?;
+            }
+            (Some(wire), [single]) if wire == kind => collective.all_reduce_sum_in_dtype(single)?,
+            (Some(wire), [single]) => {
+                let mut flat = single.f_to_kind(wire)?;
+                collective.all_reduce_sum_in_dtype(&mut flat)?;
+                tch::no_grad(|| single.f_copy_(&flat))?;
+            }
+            (Some(wire), bucket) => {
+                let mut flat = flatten(bucket)?.f_to_kind(wire)?;
+                collective.all_reduce_sum_in_dtype(&mut flat)?;
+                unflatten(&flat, bucket)?;
+            }
         }
     }
     Ok(())
@@ -388,8 +456,23 @@ mod tests {
             Tensor::from_slice(&[3f32]),
             Tensor::from_slice(&[4f64, 5.]),
         ];
-        all_reduce_buckets(&mut ring, &mut tensors, 1 << 20).unwrap();
-        assert_eq!(Vec::<f64>::try_from(&tensors[2]).unwrap(), vec![4., 5.]);
-        assert_eq!(Vec::<f32>::try_from(&tensors[0]).unwrap(), vec![1., 2.]);
+        for precision in [ReducePrecision::Fp32, ReducePrecision::Bf16] {
+            all_reduce_buckets(&mut ring, &mut tensors, 1 << 20, precision).unwrap();
+            assert_eq!(Vec::<f64>::try_from(&tensors[2]).unwrap(), vec![4., 5.]);
+            assert_eq!(Vec::<f32>::try_from(&tensors[0]).unwrap(), vec![1., 2.]);
+        }
+    }
+
+    #[test]
+    fn reduce_precision_parses_config_names_and_picks_wire_dtypes() {
+        assert_eq!(ReducePrecision::parse("fp32"), Some(ReducePrecision::Fp32));
+        assert_eq!(ReducePrecision::parse("bf16"), Some(ReducePrecision::Bf16));
+        assert_eq!(ReducePrecision::parse("fp16"), None);
+        assert_eq!(ReducePrecision::default(), ReducePrecision::Fp32);
+        let bf16 = ReducePrecision::Bf16;
+        assert_eq!(bf16.wire_kind(Kind::Float), Some(Kind::BFloat16));
+        assert_eq!(bf16.wire_kind(Kind::BFloat16), Some(Kind::BFloat16));
+        assert_eq!(bf16.wire_kind(Kind::Double), None);
+        assert_eq!(ReducePrecision::Fp32.wire_kind(Kind::Float), None);
     }
 }

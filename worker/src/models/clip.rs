@@ -4,7 +4,7 @@
 use tch::nn;
 use tch::{Kind, Tensor};
 
-use super::layers::{Activation, TransformerShape};
+use super::layers::{Activation, Checkpointed, TransformerShape};
 use super::text::{TextConfig, TextTransformer};
 use super::vit::{VisionTransformer, VitConfig};
 use super::ModelError;
@@ -110,6 +110,18 @@ impl Clip {
     pub fn encode_text(&self, tokens: &Tensor, eot_index: &Tensor) -> Tensor {
         let features = self.text.forward(tokens, eot_index, self.compute);
         normalize(&features.to_kind(self.logit_scale.kind()))
+    }
+
+    /// [`Clip::encode_image`] with activation checkpointing of the image tower's blocks.
+    pub fn encode_image_checkpointed(&self, images: &Tensor) -> Checkpointed<'_> {
+        let kind = self.logit_scale.kind();
+        self.visual.forward_checkpointed(&images.to_kind(self.compute)).map(|f| normalize(&f.to_kind(kind)))
+    }
+
+    /// [`Clip::encode_text`] with activation checkpointing of the text tower's blocks.
+    pub fn encode_text_checkpointed(&self, tokens: &Tensor, eot_index: &Tensor) -> Checkpointed<'_> {
+        let kind = self.logit_scale.kind();
+        self.text.forward_checkpointed(tokens, eot_index, self.compute).map(|f| normalize(&f.to_kind(kind)))
     }
 
     /// Keeps the logit scale in [0, ln 100] (after every optimizer step).

@@ -131,7 +131,9 @@ impl SelfAttention {
         let head_dim = w / self.heads;
         let qkv = x.linear(&cast(&self.in_proj_weight, x), Some(cast(&self.in_proj_bias, x)));
         let qkv = qkv.view([b, n, 3, self.heads, head_dim]).permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // `unbind` (not three `select`s): its backward stacks the three gradients in one kernel
+        // instead of zero-filling and summing three full-size tensors.
+        let [q, k, v]: [Tensor; 3] = qkv.unbind(0).try_into().expect("q, k and v");
         let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false);
         o.transpose(1, 2).reshape([b, n, w]).apply(&self.out_proj)
     }
@@ -223,6 +225,71 @@ impl Transformer {
     pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
         self.blocks.iter().fold(x.shallow_clone(), |x, b| b.forward(&x, causal))
     }
+
+    /// The forward pass with activation checkpointing: `stem` (the blocks' input, with its
+    /// graph) goes through every block without recording a graph, keeping only each block's
+    /// input; `head` then runs with a graph from a leaf at the last block's output.
+    /// [`Checkpointed::backward`] recomputes the blocks one at a time.
+    pub fn checkpointed(&self, stem: Tensor, causal: bool, head: impl FnOnce(&Tensor) -> Tensor) -> Checkpointed<'_> {
+        let mut block_inputs = Vec::with_capacity(self.blocks.len());
+        let last = tch::no_grad(|| {
+            self.blocks.iter().fold(stem.detach(), |x, block| {
+                let y = block.forward(&x, causal);
+                block_inputs.push(x);
+                y
+            })
+        });
+        let last = last.set_requires_grad(true);
+        let output = head(&last);
+        Checkpointed { transformer: self, causal, stem, block_inputs, last, output }
+    }
+}
+
+/// A tower's forward pass through a [`Transformer`] with activation checkpointing: the graphs
+/// of the stem and the head, and the input of every block (in the activations' kind).
+#[derive(Debug)]
+pub struct Checkpointed<'a> {
+    transformer: &'a Transformer,
+    causal: bool,
+    stem: Tensor,
+    block_inputs: Vec<Tensor>,
+    last: Tensor,
+    output: Tensor,
+}
+
+impl Checkpointed<'_> {
+    /// The tower's output, attached to the head's graph only.
+    pub fn output(&self) -> &Tensor {
+        &self.output
+    }
+
+    /// Extends the head by `f` (e.g. a projection or normalisation after the tower).
+    pub fn map(self, f: impl FnOnce(&Tensor) -> Tensor) -> Self {
+        let output = f(&self.output);
+        Self { output, ..self }
+    }
+
+    /// Sends `grad` (the loss's gradient with respect to [`Checkpointed::output`]) back through
+    /// the head, each block in reverse (recomputed from its saved input, which is freed after)
+    /// and the stem, accumulating every parameter's gradient as a plain backward pass would.
+    pub fn backward(self, grad: &Tensor) {
+        let Checkpointed { transformer, causal, stem, mut block_inputs, last, output } = self;
+        backward_from(&output, grad);
+        drop(output);
+        let mut grad = last.grad();
+        for block in transformer.blocks.iter().rev() {
+            let input = block_inputs.pop().expect("one saved input per block").set_requires_grad(true);
+            backward_from(&block.forward(&input, causal), &grad);
+            grad = input.grad();
+        }
+        backward_from(&stem, &grad);
+    }
+}
+
+/// Backward pass from `output` given the loss's gradient with respect to it, through the
+/// surrogate `sum(output * grad)`.
+fn backward_from(output: &Tensor, grad: &Tensor) {
+    (output * grad.detach()).sum(output.kind()).backward();
 }
 
 impl Module for Activation {

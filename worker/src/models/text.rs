@@ -4,7 +4,7 @@
 use tch::nn;
 use tch::Tensor;
 
-use super::layers::{cast, layer_norm, Activation, BlockInit, LayerNorm, Transformer, TransformerShape};
+use super::layers::{cast, layer_norm, Activation, BlockInit, Checkpointed, LayerNorm, Transformer, TransformerShape};
 
 /// Shape of a text tower.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,10 +57,25 @@ impl TextTransformer {
     /// Token ids [batch, context] and end-of-text positions [batch] to embeddings
     /// [batch, output_dim], computed in `kind`.
     pub fn forward(&self, tokens: &Tensor, eot_index: &Tensor, kind: tch::Kind) -> Tensor {
-        let (b, n) = tokens.size2().expect("tokens are [batch, context]");
-        let x = (tokens.apply(&self.token_embedding) + self.positional_embedding.narrow(0, 0, n)).to_kind(kind);
-        let x = self.transformer.forward(&x, true).apply(&self.ln_final);
-        let rows = Tensor::arange(b, (tch::Kind::Int64, x.device()));
+        let x = self.transformer.forward(&self.embed(tokens, kind), true);
+        self.head(&x, eot_index)
+    }
+
+    /// [`TextTransformer::forward`] with activation checkpointing of the transformer blocks.
+    pub fn forward_checkpointed(&self, tokens: &Tensor, eot_index: &Tensor, kind: tch::Kind) -> Checkpointed<'_> {
+        self.transformer.checkpointed(self.embed(tokens, kind), true, |x| self.head(x, eot_index))
+    }
+
+    /// Token and position embeddings in `kind`: the blocks' input [batch, context, width].
+    fn embed(&self, tokens: &Tensor, kind: tch::Kind) -> Tensor {
+        let (_, n) = tokens.size2().expect("tokens are [batch, context]");
+        (tokens.apply(&self.token_embedding) + self.positional_embedding.narrow(0, 0, n)).to_kind(kind)
+    }
+
+    /// `ln_final`, pooling at the end-of-text token and `text_projection`.
+    fn head(&self, x: &Tensor, eot_index: &Tensor) -> Tensor {
+        let x = x.apply(&self.ln_final);
+        let rows = Tensor::arange(x.size()[0], (tch::Kind::Int64, x.device()));
         let pooled = x.index(&[Some(rows), Some(eot_index.to_device(x.device()))]);
         pooled.matmul(&cast(&self.text_projection, &pooled))
     }

@@ -5,7 +5,7 @@ use tch::nn;
 
 use tch::Tensor;
 
-use super::layers::{cast, layer_norm, Activation, LayerNorm, Transformer, TransformerShape};
+use super::layers::{cast, layer_norm, Activation, Checkpointed, LayerNorm, Transformer, TransformerShape};
 
 /// Shape of a ViT image tower.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,6 +68,17 @@ impl VisionTransformer {
 
     /// Images [batch, 3, H, W] to embeddings [batch, output_dim] (not normalised).
     pub fn forward(&self, images: &Tensor) -> Tensor {
+        let x = self.transformer.forward(&self.embed(images), false);
+        self.head(&x)
+    }
+
+    /// [`VisionTransformer::forward`] with activation checkpointing of the transformer blocks.
+    pub fn forward_checkpointed(&self, images: &Tensor) -> Checkpointed<'_> {
+        self.transformer.checkpointed(self.embed(images), false, |x| self.head(x))
+    }
+
+    /// Patch embedding, [CLS], positions and `ln_pre`: the blocks' input [batch, tokens, width].
+    fn embed(&self, images: &Tensor) -> Tensor {
         let p = self.config.patch_size;
         let x = images.conv2d(&cast(&self.conv1, images), None::<Tensor>, [p, p], [0, 0], [1, 1], 1);
         let (b, w, gh, gw) = x.size4().expect("conv output is 4-D");
@@ -75,7 +86,11 @@ impl VisionTransformer {
         let cls = self.class_embedding.to_kind(x.kind()).view([1, 1, w]).expand([b, 1, w], true);
         let positions = cast(&self.positional_embedding, &x);
         let x = Tensor::cat(&[cls, x], 1) + positions;
-        let x = self.transformer.forward(&x.apply(&self.ln_pre), false);
+        x.apply(&self.ln_pre)
+    }
+
+    /// `ln_post` and the projection of the [CLS] token.
+    fn head(&self, x: &Tensor) -> Tensor {
         let x = x.apply(&self.ln_post);
         let pooled = x.select(1, 0);
         pooled.matmul(&cast(&self.proj, &pooled))
