@@ -144,7 +144,7 @@ impl CoordinatorClient {
 
     /// One `Rendezvous` poll; `endpoint` is where this worker's ring engine listens.
     pub async fn rendezvous(&self, endpoint: &str) -> Result<RendezvousReply> {
-        let req = RendezvousRequest { header: Some(self.header()), endpoint: endpoint.into() };
+        let req = RendezvousRequest { header: Some(self.header()), endpoint: endpoint.into(), held_step: None };
         Ok(self.rpc.clone().rendezvous(req).await.map_err(|s| refused("Rendezvous", s))?.into_inner())
     }
 

@@ -766,6 +766,7 @@ impl Coordinator {
             quarantined: self.quarantined.iter().cloned().collect(),
             epoch,
             attempt_prefix: format!("g{}-{}", req.generation, self.nonce),
+            state_source_rank: None,
         })
     }
 
@@ -808,6 +809,7 @@ impl Coordinator {
             rendezvous_required: false,
             checkpoint_step: scheduled.map(|(s, _)| s),
             stop_after_checkpoint: scheduled.is_some_and(|(_, stop)| stop),
+            rendezvous_after_step: None,
         })
     }
 

@@ -94,7 +94,7 @@ async fn service_commits_manifests_moves_latest_and_keeps_the_newest() {
         ids.push(svc.join(Request::new(req)).await.unwrap().into_inner().worker_id);
     }
     for id in &ids {
-        let req = RendezvousRequest { header: header(id), endpoint: format!("{id}:1") };
+        let req = RendezvousRequest { header: header(id), endpoint: format!("{id}:1"), held_step: None };
         svc.rendezvous(Request::new(req)).await.unwrap();
     }
     let req = RendezvousRequest { header: header(&ids[0]), endpoint: "x".into() };

@@ -58,7 +58,7 @@ impl Sim {
     }
 
     fn rdv(&mut self, t: f64, id: &str) -> RendezvousReply {
-        let req = RendezvousRequest { header: header(id), endpoint: format!("{id}.local:9000") };
+        let req = RendezvousRequest { header: header(id), endpoint: format!("{id}.local:9000"), held_step: None };
         self.c.rendezvous(self.at(t), &req).unwrap()
     }
 

@@ -271,6 +271,7 @@ fn train(
             step_seconds: started.elapsed().as_secs_f64(),
             data_wait_seconds: batch.data_wait.as_secs_f64(),
             skipped_samples: loader.corrupt_samples(),
+            collective_wait_seconds: 0.0,
         }))?;
         let last = step + 1 == plan_reply.total_steps;
         let every = config.checkpoint.every_steps;
