@@ -97,7 +97,7 @@ async fn service_commits_manifests_moves_latest_and_keeps_the_newest() {
         let req = RendezvousRequest { header: header(id), endpoint: format!("{id}:1"), held_step: None };
         svc.rendezvous(Request::new(req)).await.unwrap();
     }
-    let req = RendezvousRequest { header: header(&ids[0]), endpoint: "x".into() };
+    let req = RendezvousRequest { header: header(&ids[0]), endpoint: "x".into(), held_step: None };
     let r = svc.rendezvous(Request::new(req)).await.unwrap().into_inner();
     assert_eq!((r.state, r.generation, r.rank), (RendezvousState::Ready as i32, 1, 0));
 
