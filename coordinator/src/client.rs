@@ -144,7 +144,12 @@ impl CoordinatorClient {
 
     /// One `Rendezvous` poll; `endpoint` is where this worker's ring engine listens.
     pub async fn rendezvous(&self, endpoint: &str) -> Result<RendezvousReply> {
-        let req = RendezvousRequest { header: Some(self.header()), endpoint: endpoint.into(), held_step: None };
+        self.rendezvous_holding(endpoint, None).await
+    }
+
+    /// `Rendezvous` from a worker whose in-memory state holds the update of `held_step`.
+    pub async fn rendezvous_holding(&self, endpoint: &str, held_step: Option<u64>) -> Result<RendezvousReply> {
+        let req = RendezvousRequest { header: Some(self.header()), endpoint: endpoint.into(), held_step };
         Ok(self.rpc.clone().rendezvous(req).await.map_err(|s| refused("Rendezvous", s))?.into_inner())
     }
 

@@ -176,6 +176,10 @@ pub struct ClusterSection {
     /// summed in bf16 by the collective, then widened back to the fp32 gradients). Default `fp32`.
     #[serde(default = "default_reduce_precision")]
     pub reduce_precision: String,
+    /// `braid run` restarts local worker processes that die, up to this many times in all
+    /// (a restarted worker rejoins at the next generation). Default 3.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
     /// Device of each worker: `cpu`, `cuda` (one per local GPU) or `cuda:N`. Default `cpu`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -220,6 +224,11 @@ pub struct TelemetrySection {
     /// Log every N steps. Default 10.
     #[serde(default = "default_log_every")]
     pub log_every_steps: u64,
+    /// A folder where every worker appends its sample ledger (`<job>-<worker id>.jsonl`): per
+    /// step, the sample keys it contributed and whether the step's update was applied, to audit
+    /// exactly-once consumption across failures. Default none.
+    #[serde(default)]
+    pub sample_ledger: Option<String>,
 }
 
 fn default_family() -> String {
@@ -288,6 +297,9 @@ fn default_rendezvous_grace() -> f64 {
 fn default_collective_timeout() -> f64 {
     60.0
 }
+fn default_max_restarts() -> u32 {
+    3
+}
 fn default_reduce_precision() -> String {
     "fp32".into()
 }
@@ -350,6 +362,7 @@ impl Default for ClusterSection {
             collective_timeout_s: default_collective_timeout(),
             bucket_mb: default_bucket_mb(),
             reduce_precision: default_reduce_precision(),
+            max_restarts: default_max_restarts(),
             device: default_device(),
         }
     }
@@ -371,7 +384,7 @@ impl Default for CheckpointSection {
 
 impl Default for TelemetrySection {
     fn default() -> Self {
-        Self { log_format: default_log_format(), log_every_steps: default_log_every() }
+        Self { log_format: default_log_format(), log_every_steps: default_log_every(), sample_ledger: None }
     }
 }
 

@@ -119,3 +119,27 @@ impl From<Error> for tonic::Status {
         }
     }
 }
+
+impl Error {
+    /// True when the coordinator could not be reached or did not answer in time (an outage,
+    /// not a refusal): a worker keeps training and tries again later.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Error::Unreachable { .. } | Error::Timeout(_) => true,
+            Error::Rpc { code, .. } => {
+                matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown)
+            }
+            _ => false,
+        }
+    }
+
+    /// True when the request named a generation that is no longer the live one (or a worker
+    /// the coordinator no longer knows): the worker must rendezvous again.
+    pub fn is_stale(&self) -> bool {
+        match self {
+            Error::StaleGeneration { .. } => true,
+            Error::Rpc { code, .. } => matches!(code, tonic::Code::Aborted),
+            _ => false,
+        }
+    }
+}

@@ -10,6 +10,7 @@ pub mod commit;
 pub mod config;
 pub mod error;
 pub mod failpoint;
+pub mod journal;
 pub mod manifest;
 pub mod plan;
 pub mod server;

@@ -58,8 +58,75 @@ impl Sim {
     }
 
     fn rdv(&mut self, t: f64, id: &str) -> RendezvousReply {
-        let req = RendezvousRequest { header: header(id), endpoint: format!("{id}.local:9000"), held_step: None };
+        self.rdv_holding(t, id, None)
+    }
+
+    /// Rendezvous of a worker whose in-memory state holds the update of `held` (if any).
+    fn rdv_holding(&mut self, t: f64, id: &str, held: Option<u64>) -> RendezvousReply {
+        let req = RendezvousRequest { header: header(id), endpoint: format!("{id}.local:9000"), held_step: held };
         self.c.rendezvous(self.at(t), &req).unwrap()
+    }
+
+    /// A step report with the given step time and time waiting in collectives.
+    fn step_timed(&mut self, t: f64, id: &str, generation: u64, step: u64, seconds: f64, wait: f64) -> braid_proto::StepReply {
+        let req = StepReport {
+            header: header(id),
+            generation,
+            step,
+            loss: 1.5,
+            learning_rate: 1e-3,
+            samples: 4,
+            step_seconds: seconds,
+            collective_wait_seconds: wait,
+            ..Default::default()
+        };
+        self.c.report_step(self.at(t), &req).unwrap()
+    }
+
+    /// Every rank of `generation` fetches its plan, then reports steps `steps` in turn.
+    fn train(&mut self, t: f64, ids: &[String], generation: u64, steps: std::ops::Range<u64>) {
+        for id in ids {
+            self.plan(t, id, generation);
+        }
+        for step in steps {
+            for id in ids {
+                self.step(t, id, generation, step);
+            }
+        }
+    }
+
+    /// Has every rank of `generation` vote for `step` and commits it.
+    fn checkpoint(&mut self, t: f64, ids: &[String], generation: u64, step: u64) {
+        for (rank, id) in ids.iter().enumerate() {
+            let vote = CheckpointVote {
+                header: header(id),
+                generation,
+                step,
+                attempt: format!("c{step}"),
+                rank: rank as u32,
+                ok: true,
+                parts: vec![CheckpointPart {
+                    path: format!("step-{step:06}/attempt-c{step}/rank-{rank}.safetensors"),
+                    sha256: "00".repeat(32),
+                    size: 1,
+                }],
+                ..Default::default()
+            };
+            self.c.checkpoint_vote(self.at(t), &vote).unwrap();
+        }
+        let plan = self.commits().remove(0);
+        self.c.commit_succeeded(self.at(t), &plan, format!("/ckpt/step-{step:06}/manifest.json"));
+    }
+
+    fn logs(&mut self) -> Vec<String> {
+        self.c
+            .take_actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Log { message, .. } => Some(message),
+                Action::Commit(_) => None,
+            })
+            .collect()
     }
 
     fn beat(&mut self, t: f64, id: &str) -> braid_proto::HeartbeatReply {
@@ -389,7 +456,11 @@ fn every_yes_vote_commits_and_moves_the_cursor() {
     assert_eq!(s.c.cursor(), 5);
     assert!(s.vote(8.0, &ids[0], 0, 4, "g1-n0nce-4", true).unwrap(), "a late vote sees the commit");
     let dp = s.plan(8.0, &ids[1], 1);
-    assert_eq!((dp.start_step, dp.resume_manifest_url.as_str()), (5, "/ckpt/step-000004/manifest.json"));
+    assert_eq!(
+        (dp.start_step, dp.resume_manifest_url.as_str()),
+        (0, ""),
+        "rank 0 started at step 0: every rank of the generation starts there"
+    );
     assert_eq!(s.c.progress().checkpoints.len(), 1);
     let err = s.vote(9.0, &ids[0], 0, 2, "old", true).unwrap_err();
     assert!(err.to_string().contains("older than the latest"), "{err}");
@@ -667,4 +738,378 @@ fn a_checkpoint_request_without_a_checkpoint_url_is_refused() {
     let req = braid_proto::CheckpointRequest { header: header(""), reason: "operator".into(), stop_after: false };
     let err = s.c.request_checkpoint(s.at(1.0), &req).unwrap_err();
     assert!(err.to_string().contains("checkpoint.url"), "{err}");
+}
+
+fn long(mut c: JobConfig, steps: u64) -> JobConfig {
+    c.train.steps = steps;
+    c
+}
+
+/// Ends generation 1 of `ids` (which trained steps 0..4) by a leave of `gone`.
+fn leave(s: &mut Sim, t: f64, gone: &str) {
+    s.c.leave(s.at(t), &LeaveRequest { header: header(gone), reason: "killed".into() }).unwrap();
+}
+
+#[test]
+fn the_next_generation_starts_after_the_newest_state_a_member_holds() {
+    let mut s = Sim::new(long(with_checkpoints(1, 4), 100));
+    let ids = s.formed(0.0, 4);
+    s.train(5.0, &ids, 1, 0..5);
+    s.checkpoint(6.0, &ids, 1, 2);
+    leave(&mut s, 7.0, &ids[1]);
+    s.c.take_actions();
+    // New ranks: ids[0] -> 0 (holds 3), ids[2] -> 1 (holds 4), ids[3] -> 2 (holds 4).
+    s.rdv_holding(8.0, &ids[0], Some(3));
+    s.rdv_holding(8.0, &ids[2], Some(4));
+    s.rdv_holding(8.0, &ids[3], Some(4));
+    s.c.tick(s.at(13.0));
+    let logs = s.logs();
+    assert!(
+        logs.iter().any(|l| l == "generation 2 starts at step 5 from rank 1's in-memory state (held by 2 of 3 members)"),
+        "{logs:?}"
+    );
+    let held: Vec<Option<u64>> = s.c.progress().members.iter().map(|m| m.held_step).collect();
+    assert_eq!(held, vec![Some(3), Some(4), Some(4)]);
+    for (rank, id) in [&ids[0], &ids[2], &ids[3]].into_iter().enumerate() {
+        let r = s.rdv(13.1, id);
+        assert_eq!((r.generation, r.rank, r.world_size), (2, rank as u32, 3));
+        let dp = s.plan(13.2, id, 2);
+        assert_eq!((dp.start_step, dp.state_source_rank, dp.resume_manifest_url.as_str()), (5, Some(1), ""));
+    }
+    let p = s.c.progress();
+    assert_eq!(p.steps_done, 5);
+    let record = p.generation_history.last().unwrap();
+    assert_eq!((record.number, record.world_size, record.start_step, record.source.as_str()), (2, 3, 5, "memory:rank1"));
+    assert!(p.generation_history[0].ended.as_deref().unwrap().contains("left"), "{:?}", p.generation_history);
+    assert_eq!(
+        p.members.iter().map(|m| m.held_step).collect::<Vec<_>>(),
+        vec![None; 3],
+        "the latest rendezvous (without a held step) cleared them"
+    );
+}
+
+#[test]
+fn a_state_holding_the_checkpointed_step_is_used_and_an_older_one_is_not() {
+    for (held, start, source_rank, url) in
+        [(2, 3, Some(0), ""), (1, 3, None, "/ckpt/step-000002/manifest.json")]
+    {
+        let mut s = Sim::new(long(with_checkpoints(1, 2), 100));
+        let ids = s.formed(0.0, 2);
+        s.train(5.0, &ids, 1, 0..3);
+        s.checkpoint(6.0, &ids, 1, 2);
+        leave(&mut s, 7.0, &ids[1]);
+        s.c.take_actions();
+        s.rdv_holding(8.0, &ids[0], Some(held));
+        s.c.tick(s.at(13.0));
+        let logs = s.logs();
+        let dp = s.plan(13.1, &ids[0], 2);
+        assert_eq!((dp.start_step, dp.state_source_rank, dp.resume_manifest_url.as_str()), (start, source_rank, url));
+        if source_rank.is_none() {
+            let line = "generation 2 starts at step 3 from checkpoint step 2 (/ckpt/step-000002/manifest.json)";
+            assert!(logs.iter().any(|l| l.starts_with(line) && l.contains("step 1")), "{logs:?}");
+            assert_eq!(s.c.progress().generation_history[1].source, "checkpoint:step 2");
+        }
+    }
+}
+
+#[test]
+fn without_held_state_a_generation_restores_the_checkpoint_or_starts_fresh() {
+    let mut s = Sim::new(long(with_checkpoints(1, 2), 100));
+    let ids = s.formed(0.0, 2);
+    s.train(5.0, &ids, 1, 0..3);
+    leave(&mut s, 6.0, &ids[1]);
+    s.rdv(7.0, &ids[0]);
+    s.c.tick(s.at(12.0));
+    let logs = s.logs();
+    assert!(logs.iter().any(|l| l == "generation 2 starts at step 0 fresh"), "{logs:?}");
+    let dp = s.plan(12.1, &ids[0], 2);
+    assert_eq!((dp.start_step, dp.state_source_rank, dp.resume_manifest_url.as_str()), (0, None, ""));
+    assert_eq!(s.c.progress().generation_history[1].source, "fresh");
+
+    s.step(13.0, &ids[0], 2, 0);
+    s.checkpoint(13.5, &ids[..1], 2, 0);
+    let late = s.join(14.0, "late");
+    // A rendezvous after starting ends the generation; no held state: back to the checkpoint.
+    s.rdv(15.0, &ids[0]);
+    s.rdv(15.0, &late);
+    let r = s.rdv(15.0, &ids[0]);
+    assert_eq!((r.generation, r.world_size), (3, 2), "{r:?}");
+    let dp = s.plan(15.1, &late, 3);
+    assert_eq!((dp.start_step, dp.state_source_rank, dp.resume_manifest_url.as_str()), (1, None, "/ckpt/step-000000/manifest.json"));
+    assert!(s.logs().iter().any(|l| l.starts_with("generation 3 starts at step 1 from checkpoint step 0")));
+}
+
+#[test]
+fn held_state_of_the_last_step_finishes_or_is_set_aside() {
+    // No checkpoint.url: a member holding the last step means training is complete.
+    let mut s = Sim::new(config(1, 2, ""));
+    let ids = s.formed(0.0, 2);
+    s.train(5.0, &ids, 1, 0..9);
+    s.step(6.0, &ids[0], 1, 9);
+    leave(&mut s, 7.0, &ids[1]);
+    let r = s.rdv_holding(8.0, &ids[0], Some(9));
+    assert!(!ready(&r));
+    s.c.tick(s.at(13.0));
+    assert!(s.c.progress().finished, "{:?}", s.logs());
+    assert_eq!(s.rdv_holding(13.5, &ids[0], Some(9)).state, RendezvousState::JobFinished as i32);
+
+    // With checkpoints, the final checkpoint needs a generation that trains the last step:
+    // the state of step 9 is set aside and the next newest one (step 8) is the start.
+    let mut s = Sim::new(with_checkpoints(1, 3));
+    let ids = s.formed(0.0, 3);
+    s.train(5.0, &ids, 1, 0..9);
+    s.step(6.0, &ids[0], 1, 9);
+    leave(&mut s, 7.0, &ids[2]);
+    s.rdv_holding(8.0, &ids[0], Some(9));
+    s.rdv_holding(8.0, &ids[1], Some(8));
+    s.c.tick(s.at(13.0));
+    let logs = s.logs();
+    assert!(logs.iter().any(|l| l.contains("starts at step 9 from rank 1's") && l.contains("set aside")), "{logs:?}");
+    let dp = s.plan(13.1, &ids[0], 2);
+    assert_eq!((dp.start_step, dp.state_source_rank), (9, Some(1)));
+
+    // A held step past the job is refused.
+    let req = RendezvousRequest { header: header(&ids[0]), endpoint: "e".into(), held_step: Some(10) };
+    let err = s.c.rendezvous(s.at(14.0), &req).unwrap_err();
+    assert!(err.to_string().contains("holds step 10"), "{err}");
+}
+
+#[test]
+fn a_committed_final_checkpoint_finishes_the_job_instead_of_a_new_generation() {
+    let mut s = Sim::new(with_checkpoints(1, 2));
+    let ids = s.formed(0.0, 2);
+    s.train(5.0, &ids, 1, 0..9);
+    s.step(6.0, &ids[0], 1, 9);
+    s.checkpoint(6.5, &ids, 1, 9);
+    assert!(!s.c.is_over(), "rank 1 has not reported step 9");
+    leave(&mut s, 7.0, &ids[1]);
+    assert_eq!(s.rdv_holding(8.0, &ids[0], Some(9)).state, RendezvousState::Waiting as i32);
+    s.c.tick(s.at(13.0));
+    assert!(s.c.progress().finished);
+}
+
+#[test]
+fn a_scale_up_waits_for_a_step_boundary_every_rank_reaches() {
+    let mut s = Sim::new(long(config(1, 3, ""), 100));
+    let ids = s.formed(0.0, 2);
+    s.train(5.0, &ids, 1, 0..1);
+    let late = s.join(10.0, "late");
+    let r = s.rdv(10.0, &late);
+    assert!(!ready(&r) && r.reason.contains("generation 1 is running"), "{}", r.reason);
+    assert_eq!(s.c.progress().generation, 1, "the generation goes on until the boundary");
+    assert!(!s.beat(10.5, &ids[0]).rendezvous_required);
+    assert_eq!(s.c.progress().waiting_reason, None);
+
+    // The first report after the change is due fixes the boundary: step 1 + 1.
+    assert_eq!(s.step(11.0, &ids[0], 1, 1).rendezvous_after_step, Some(2));
+    assert_eq!(s.step(11.0, &ids[1], 1, 1).rendezvous_after_step, Some(2));
+    assert!(s.rdv(11.5, &late).reason.ends_with("after step 2"));
+    for id in &ids {
+        let reply = s.step(12.0, id, 1, 2);
+        assert_eq!((reply.rendezvous_after_step, reply.rendezvous_required), (Some(2), false));
+    }
+    let logs = s.logs();
+    assert!(logs.iter().any(|l| l.contains("generation 1 changes membership after step 2")), "{logs:?}");
+
+    // The first rank back ends the generation; the other finds out and follows.
+    assert!(!ready(&s.rdv_holding(12.5, &ids[1], Some(2))));
+    assert!(s.beat(12.6, &ids[0]).rendezvous_required);
+    let r = s.rdv_holding(12.7, &ids[0], Some(2));
+    assert_eq!((r.generation, r.rank, r.world_size), (2, 0, 3), "max_workers reached: forms at once");
+    for (rank, id) in [&ids[0], &ids[1], &late].into_iter().enumerate() {
+        let dp = s.plan(13.0, id, 2);
+        assert_eq!((dp.start_step, dp.state_source_rank, dp.resume_manifest_url.as_str()), (3, Some(0), ""), "rank {rank}");
+    }
+    let p = s.c.progress();
+    assert_eq!((p.generation, p.world_size, p.rejoins), (2, 3, 1));
+    let ended = p.generation_history[0].ended.clone().unwrap();
+    assert!(ended.contains("membership boundary after step 2") && ended.contains("scale-up"), "{ended}");
+    assert_eq!(p.generation_history[1].source, "memory:rank0");
+}
+
+#[test]
+fn a_scale_up_before_any_step_report_ends_the_generation_at_once() {
+    let mut s = Sim::new(long(config(1, 3, ""), 100));
+    let ids = s.formed(0.0, 2);
+    for id in &ids {
+        s.plan(5.0, id, 1);
+    }
+    let late = s.join(10.0, "late");
+    s.rdv(10.0, &late);
+    assert!(s.beat(10.0, &ids[0]).rendezvous_required);
+}
+
+#[test]
+fn a_dead_worker_ends_the_generation_and_survivors_continue_from_memory() {
+    let mut s = Sim::new(long(config(2, 3, ""), 100));
+    let ids = s.formed(0.0, 3);
+    s.train(5.0, &ids, 1, 0..4);
+    s.step(6.0, &ids[0], 1, 4);
+    s.step(6.0, &ids[2], 1, 4);
+    // ids[1] dies without reporting step 4; the others time out in the collective of step 5.
+    for t in [15.0, 25.0, 36.5] {
+        s.beat(t, &ids[0]);
+        s.beat(t, &ids[2]);
+        s.c.tick(s.at(t));
+    }
+    assert_eq!(s.c.progress().generation, 0);
+    assert!(s.beat(37.0, &ids[2]).rendezvous_required);
+    s.rdv_holding(37.0, &ids[2], Some(4));
+    s.rdv_holding(37.5, &ids[0], Some(4));
+    s.c.tick(s.at(42.5));
+    let p = s.c.progress();
+    assert_eq!((p.generation, p.world_size, p.steps_done), (2, 2, 5));
+    let r = s.rdv(42.6, &ids[2]);
+    assert_eq!((r.generation, r.rank, r.world_size), (2, 1, 2));
+    let dp = s.plan(42.7, &ids[2], 2);
+    assert_eq!((dp.start_step, dp.state_source_rank), (5, Some(0)));
+    assert!(s.logs().iter().any(|l| l == "generation 2 starts at step 5 from rank 0's in-memory state (held by 2 of 2 members)"));
+}
+
+#[test]
+fn below_min_workers_the_job_waits_and_says_why() {
+    let mut s = Sim::new(long(config(3, 3, ""), 100));
+    assert!(s.c.progress().waiting_reason.unwrap().contains("0 of min_workers = 3"));
+    let ids = s.formed(0.0, 3);
+    assert_eq!(s.c.progress().waiting_reason, None);
+    s.train(5.0, &ids, 1, 0..2);
+    leave(&mut s, 6.0, &ids[2]);
+    s.rdv_holding(7.0, &ids[0], Some(1));
+    s.rdv_holding(7.0, &ids[1], Some(1));
+    for t in (1..50).map(|i| 7.0 + 10.0 * f64::from(i)) {
+        s.beat(t, &ids[0]);
+        s.beat(t, &ids[1]);
+        s.c.tick(s.at(t));
+    }
+    let p = s.c.progress();
+    assert!(!p.is_over() && p.generation == 0, "{p:?}");
+    let why = p.waiting_reason.unwrap();
+    assert!(why.contains("2 of min_workers = 3"), "{why}");
+    assert_eq!(p.steps_done, 2, "the state held in memory");
+
+    let back = s.join(500.0, "back");
+    let r = s.rdv(500.0, &back);
+    assert_eq!((r.generation, r.rank, r.world_size), (2, 2, 3));
+    let p = s.c.progress();
+    assert_eq!((p.waiting_reason, p.rejoins), (None, 1));
+    assert_eq!(s.plan(500.5, &back, 2).start_step, 2);
+}
+
+#[test]
+fn a_rank_with_slow_compute_is_flagged_as_a_straggler_and_recovers() {
+    let mut s = Sim::new(long(config(3, 3, ""), 100));
+    let ids = s.formed(0.0, 3);
+    for id in &ids {
+        s.plan(5.0, id, 1);
+    }
+    // Ranks 0 and 1 compute 0.4 s and wait 0.6 s for rank 2, which computes 1.0 s.
+    for step in 0..6 {
+        for (rank, id) in ids.iter().enumerate() {
+            let wait = if rank == 2 { 0.0 } else { 0.6 };
+            s.step_timed(6.0, id, 1, step, 1.0, wait);
+        }
+    }
+    let p = s.c.progress();
+    assert_eq!(p.members.iter().map(|m| m.straggler).collect::<Vec<_>>(), vec![false, false, true]);
+    assert_eq!((p.members[2].step_seconds, p.members[2].collective_wait_seconds), (Some(1.0), Some(0.0)));
+    assert_eq!(p.members[0].collective_wait_seconds, Some(0.6));
+    let logs = s.logs();
+    let flagged: Vec<&String> = logs.iter().filter(|l| l.contains("is a straggler")).collect();
+    assert_eq!(flagged.len(), 1, "named once: {logs:?}");
+    assert!(flagged[0].contains(&ids[2]) && flagged[0].contains("rank 2"), "{}", flagged[0]);
+
+    // Rank 2 speeds up: once most of its window is fast, it recovers.
+    for step in 6..16 {
+        for id in &ids {
+            s.step_timed(7.0, id, 1, step, 0.4, 0.0);
+        }
+    }
+    assert!(s.c.progress().members.iter().all(|m| !m.straggler));
+    let logs = s.logs();
+    assert_eq!(logs.iter().filter(|l| l.contains("no longer a straggler")).count(), 1, "{logs:?}");
+
+    // Jitter below the minimum excess never flags.
+    let mut s = Sim::new(long(config(2, 2, ""), 100));
+    let ids = s.formed(0.0, 2);
+    for step in 0..10 {
+        s.step_timed(6.0, &ids[0], 1, step, 0.02, 0.0);
+        s.step_timed(6.0, &ids[1], 1, step, 0.05, 0.0);
+    }
+    assert!(s.c.progress().members.iter().all(|m| !m.straggler));
+}
+
+/// Applies the same RPC to both coordinators and checks the replies are equal.
+fn same<T: PartialEq + std::fmt::Debug>(a: &mut Sim, b: &mut Sim, rpc: impl Fn(&mut Sim) -> T) -> T {
+    let (x, y) = (rpc(a), rpc(b));
+    assert_eq!(x, y);
+    x
+}
+
+#[test]
+fn a_restored_coordinator_answers_like_the_original() {
+    let config = long(with_checkpoints(1, 4), 100);
+    let mut s = Sim::new(config.clone());
+    let ids = s.formed(0.0, 3);
+    s.train(5.0, &ids, 1, 0..3);
+    s.checkpoint(6.0, &ids, 1, 1);
+    let corrupt = CorruptReport { header: header(&ids[1]), shard: "s-1.tar".into(), sample_key: "k1".into(), reason: "bad".into() };
+    s.c.report_corrupt(s.at(6.5), &corrupt).unwrap();
+    ask(&mut s, 7.0, false);
+    let late = s.join(7.5, "late");
+    s.rdv(7.5, &late);
+    // Fixes both the checkpoint (step 4) and the membership boundary (step 4).
+    assert_eq!(s.step(8.0, &ids[0], 1, 3).rendezvous_after_step, Some(4));
+    s.vote(8.5, &ids[0], 0, 4, "g1-n0nce-4", true).unwrap();
+    s.c.take_actions();
+
+    let snapshot = s.c.snapshot();
+    let json = serde_json::to_string_pretty(&snapshot).unwrap();
+    let back: braid_coordinator::state::CoordinatorSnapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, snapshot);
+    let restored = Coordinator::restore(config.clone(), back.clone(), s.at(9.0)).unwrap();
+    assert_eq!(restored.snapshot(), snapshot);
+    let mut r = Sim { c: restored, t0: s.t0 };
+    r.c.take_actions();
+
+    let mut other = config.clone();
+    other.train.steps = 99;
+    let err = Coordinator::restore(other.clone(), back, s.at(9.0)).unwrap_err().to_string();
+    assert!(err.contains(&snapshot.config_hash) && err.contains(&other.hash()), "{err}");
+
+    // Workers keep their ids and ranks; the next RPCs get the same answers.
+    let (p, q) = (s.c.progress(), r.c.progress());
+    assert_eq!(p.members.iter().map(|m| (&m.worker_id, m.rank, m.state)).collect::<Vec<_>>(),
+        q.members.iter().map(|m| (&m.worker_id, m.rank, m.state)).collect::<Vec<_>>());
+    assert_eq!((p.generation, p.world_size, p.steps_done, &p.checkpoints, p.corrupt_samples), (q.generation, q.world_size, q.steps_done, &q.checkpoints, q.corrupt_samples));
+    for id in &ids {
+        same(&mut s, &mut r, |x| x.beat(9.5, id));
+        let reply = same(&mut s, &mut r, |x| x.step(10.0, id, 1, 4));
+        assert_eq!((reply.checkpoint_step, reply.rendezvous_after_step), (Some(4), Some(4)));
+    }
+    same(&mut s, &mut r, |x| x.rdv(10.0, &late));
+    for (rank, id) in ids.iter().enumerate().skip(1) {
+        let voted = same(&mut s, &mut r, |x| x.vote(10.5, id, rank as u32, 4, "g1-n0nce-4", true).map_err(|e| e.to_string()));
+        assert_eq!(voted, Ok(false));
+    }
+    let plan = same(&mut s, &mut r, |x| x.commits());
+    assert_eq!(plan.len(), 1, "rank 0's vote from before the restore counts");
+    same(&mut s, &mut r, |x| {
+        x.c.commit_succeeded(x.at(11.0), &plan[0], "/ckpt/step-000004/manifest.json".into());
+        x.c.cursor()
+    });
+    same(&mut s, &mut r, |x| x.rdv_holding(11.5, &ids[2], Some(4)));
+    same(&mut s, &mut r, |x| x.rdv_holding(11.5, &ids[0], Some(4)));
+    let ready_reply = same(&mut s, &mut r, |x| x.rdv_holding(11.5, &ids[1], Some(4)));
+    assert_eq!((ready_reply.generation, ready_reply.world_size), (2, 4));
+    let dp = same(&mut s, &mut r, |x| x.plan(12.0, &late, 2));
+    assert_eq!((dp.start_step, dp.state_source_rank, dp.attempt_prefix.as_str()), (5, Some(0), "g2-n0nce"));
+    assert_eq!(dp.quarantined, vec!["k1".to_string()]);
+    same(&mut s, &mut r, |x| x.c.progress().generation_history);
+
+    // A silent worker is dead one heartbeat timeout after the restore, not before.
+    let mut r2 = Sim { c: Coordinator::restore(config, snapshot, s.at(100.0)).unwrap(), t0: s.t0 };
+    r2.c.tick(r2.at(129.0));
+    assert_eq!(r2.c.progress().generation, 1);
+    r2.c.tick(r2.at(131.0));
+    assert_eq!(r2.c.progress().generation, 0);
 }

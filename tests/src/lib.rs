@@ -112,8 +112,16 @@ pub struct JobFile {
     pub weight_decay: f64,
     /// `train.precision`.
     pub precision: String,
-    /// `cluster.min_workers` and `cluster.max_workers`.
+    /// `cluster.max_workers`, and `cluster.min_workers` unless `min_workers` is set.
     pub workers: usize,
+    /// `cluster.min_workers` when it differs from `workers`.
+    pub min_workers: Option<usize>,
+    /// `cluster.max_restarts` (braid's default is 3; these jobs default to 0).
+    pub max_restarts: u32,
+    /// `cluster.rendezvous_grace_s`, when set.
+    pub rendezvous_grace_s: Option<f64>,
+    /// `telemetry.sample_ledger`, when set.
+    pub sample_ledger: Option<PathBuf>,
     /// `checkpoint.url`.
     pub checkpoint: Option<PathBuf>,
     /// `checkpoint.every_steps`.
@@ -142,6 +150,10 @@ impl JobFile {
             weight_decay: 0.1,
             precision: "fp32".into(),
             workers: 1,
+            min_workers: None,
+            max_restarts: 0,
+            rendezvous_grace_s: None,
+            sample_ledger: None,
             checkpoint: None,
             every_steps: 0,
             keep: 3,
@@ -165,7 +177,20 @@ impl JobFile {
             "[train]\nglobal_batch = {}\nsteps = {}\nlr = {:?}\nwarmup_steps = {}\nweight_decay = {:?}\nprecision = {:?}\nthreads = 1\n",
             self.global_batch, self.steps, self.lr, self.warmup_steps, self.weight_decay, self.precision
         );
-        let _ = writeln!(t, "[cluster]\nmin_workers = {0}\nmax_workers = {0}\n", self.workers);
+        let _ = writeln!(
+            t,
+            "[cluster]\nmin_workers = {}\nmax_workers = {}\nmax_restarts = {}",
+            self.min_workers.unwrap_or(self.workers),
+            self.workers,
+            self.max_restarts
+        );
+        if let Some(grace) = self.rendezvous_grace_s {
+            let _ = writeln!(t, "rendezvous_grace_s = {grace:?}");
+        }
+        let _ = writeln!(t);
+        if let Some(ledger) = &self.sample_ledger {
+            let _ = writeln!(t, "[telemetry]\nsample_ledger = {}\n", path(ledger));
+        }
         if let Some(url) = &self.checkpoint {
             let _ = writeln!(
                 t,

@@ -204,6 +204,9 @@ impl ClipTrainer {
         before_update: impl FnOnce(),
     ) -> Result<StepStats, TrainError> {
         let (loss, samples) = self.compute_gradients(batch, coll)?;
+        // A collective that failed after its call returned (NCCL's watchdog) must stop the step
+        // before the update: the parameters then still hold the previous step.
+        coll.check()?;
         before_update();
         let (grad_norm, lr) = self.apply_update(step)?;
         Ok(StepStats { loss, grad_norm, lr, logit_scale: self.model.logit_scale.exp().double_value(&[]), samples })

@@ -15,15 +15,23 @@ use tch::Tensor;
 use super::upload::{Latch, Uploader};
 use super::{CheckpointStore, PartInfo};
 
-/// Takes part in checkpoints for one rank of one generation.
+/// Takes part in checkpoints for one worker, across generations (an upload started in one
+/// generation finishes in the background while the next one forms).
 pub struct Checkpointer {
     uploader: Uploader,
     /// The host copy in flight, which the next optimizer update must wait for.
     copying: std::sync::Mutex<Option<std::sync::Arc<Latch>>>,
     client: CoordinatorClient,
     runtime: tokio::runtime::Handle,
-    generation: u64,
-    rank: usize,
+}
+
+/// Which rank of which generation takes part in a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    /// The generation.
+    pub generation: u64,
+    /// This worker's rank in it.
+    pub rank: usize,
 }
 
 /// How a checkpoint request was handled on this rank.
@@ -72,29 +80,37 @@ fn vote(
 
 impl Checkpointer {
     /// A participant writing to `store`, voting through `client`.
-    pub fn new(store: CheckpointStore, client: CoordinatorClient, runtime: tokio::runtime::Handle, generation: u64, rank: usize) -> Self {
-        Self { uploader: Uploader::new(store), copying: std::sync::Mutex::new(None), client, runtime, generation, rank }
+    pub fn new(store: CheckpointStore, client: CoordinatorClient, runtime: tokio::runtime::Handle) -> Self {
+        Self { uploader: Uploader::new(store), copying: std::sync::Mutex::new(None), client, runtime }
     }
 
     /// Takes part in the checkpoint of `step`. `state` gives rank 0's live tensors (sharing
     /// storage with the model and optimizer; they are copied on the upload thread); with
     /// `must_complete` (last step, preemption) a running upload is waited for instead of
     /// deferring this checkpoint. `blocked` in the result is the time spent here.
-    pub fn take(&self, step: u64, attempt: &str, state: impl FnOnce() -> Vec<(String, Tensor)>, must_complete: bool) -> Taken {
+    pub fn take(
+        &self,
+        member: Membership,
+        step: u64,
+        attempt: &str,
+        state: impl FnOnce() -> Vec<(String, Tensor)>,
+        must_complete: bool,
+    ) -> Taken {
         let started = Instant::now();
-        if self.rank != 0 {
-            vote(&self.client, &self.runtime, self.generation, step, attempt, self.rank, Ok(Vec::new()));
+        let Membership { generation, rank } = member;
+        if rank != 0 {
+            vote(&self.client, &self.runtime, generation, step, attempt, rank, Ok(Vec::new()));
             return Taken::Started { blocked: started.elapsed() };
         }
         if must_complete {
             self.uploader.wait_idle();
         } else if self.uploader.is_busy() {
             let reason = "the previous checkpoint upload is still in flight".to_string();
-            vote(&self.client, &self.runtime, self.generation, step, attempt, self.rank, Err(reason));
+            vote(&self.client, &self.runtime, generation, step, attempt, rank, Err(reason));
             return Taken::Deferred;
         }
         let live = state();
-        let (client, runtime, generation, rank) = (self.client.clone(), self.runtime.clone(), self.generation, self.rank);
+        let (client, runtime) = (self.client.clone(), self.runtime.clone());
         let attempt_name = attempt.to_string();
         let then = Box::new(move |result: super::Result<Vec<PartInfo>>, took: Duration| {
             if let Ok(parts) = &result {

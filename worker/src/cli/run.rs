@@ -112,6 +112,8 @@ struct RunSummary {
     failure: Option<String>,
     preempted_after: Option<u64>,
     workers: usize,
+    /// Worker processes restarted after they died.
+    restarts: u32,
     steps: u64,
     final_loss: Option<f64>,
     samples_per_second: Option<f64>,
@@ -156,13 +158,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let started = Instant::now();
-    let mut children = spawn_workers(&address, workers, &config.cluster.device, &log_dir)?;
+    let launcher = WorkerLauncher::new(&address, &config.cluster.device, &log_dir)?;
+    let mut children = (0..workers).map(|i| launcher.spawn(i, None)).collect::<anyhow::Result<Vec<Child>>>()?;
+    let mut restarts = 0u32;
 
     let bar = (!args.json).then(|| progress_bar(config.train.steps));
     let mut failed_worker: Option<String> = None;
     let signalled = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
     runtime.spawn(checkpoint_on_signal(handle.service().clone(), signalled.clone()));
     let grace = Duration::from_secs_f64(config.checkpoint.grace_period_s);
+    let mut exited = vec![false; workers];
     loop {
         let since_signal = *signalled.lock().unwrap_or_else(|e| e.into_inner());
         if since_signal.is_some_and(|t| t.elapsed() > grace) && failed_worker.is_none() {
@@ -175,17 +180,42 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Some(bar) = &bar {
             update_bar(bar, &progress);
         }
-        for (i, child) in children.iter_mut().enumerate() {
-            if let Some(status) = child.try_wait()? {
-                if !status.success() && failed_worker.is_none() {
-                    failed_worker = Some(format!(
-                        "worker {i} exited with {status}; its log: {}",
-                        log_dir.join(format!("worker-{i}.log")).display()
-                    ));
+        for i in 0..children.len() {
+            if exited[i] {
+                continue;
+            }
+            let Some(status) = children[i].try_wait()? else { continue };
+            let over = handle.progress().is_over();
+            if status.success() || over || since_signal.is_some() {
+                exited[i] = true;
+            } else if restarts < config.cluster.max_restarts {
+                restarts += 1;
+                let message = format!(
+                    "worker {i} exited with {status}; restarting it (restart {restarts} of cluster.max_restarts = {}); its log: {}",
+                    config.cluster.max_restarts,
+                    launcher.log_path(i).display()
+                );
+                tracing::warn!("{message}");
+                if let Some(bar) = &bar {
+                    bar.println(message);
+                }
+                children[i] = launcher.spawn(i, Some(restarts))?;
+            } else {
+                // No restarts left: the job goes on with the others (down to min_workers; below
+                // it waits for workers started by hand against the coordinator's address).
+                exited[i] = true;
+                let message = format!(
+                    "worker {i} exited with {status}; not restarted (cluster.max_restarts = {} used); its log: {}",
+                    config.cluster.max_restarts,
+                    launcher.log_path(i).display()
+                );
+                tracing::warn!("{message}");
+                if let Some(bar) = &bar {
+                    bar.println(message);
                 }
             }
         }
-        let all_exited = children.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))));
+        let all_exited = exited.iter().all(|e| *e);
         if progress.is_over() && all_exited || failed_worker.is_some() || (all_exited && !progress.is_over()) {
             break;
         }
@@ -223,6 +253,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         failure: failure.clone(),
         preempted_after: progress.preempted_after,
         workers,
+        restarts,
         steps: progress.steps_done,
         final_loss: progress.loss,
         samples_per_second: progress.samples_per_second,
@@ -256,22 +287,46 @@ async fn checkpoint_on_signal(service: braid_coordinator::service::CoordinatorSe
     }
 }
 
-fn spawn_workers(address: &str, n: usize, device: &str, log_dir: &std::path::Path) -> anyhow::Result<Vec<Child>> {
-    let exe = std::env::current_exe().context("locating the braid binary")?;
-    let gpus = if device == "cuda" { tch::Cuda::device_count().max(1) as usize } else { 1 };
-    (0..n)
-        .map(|i| {
-            let log_path = log_dir.join(format!("worker-{i}.log"));
-            let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-            let mut cmd = Command::new(&exe);
-            cmd.args(["worker", "--coordinator", address, "--advertise-host", "127.0.0.1"]);
-            if device == "cuda" {
-                cmd.args(["--device", &format!("cuda:{}", i % gpus)]);
-            }
-            cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-            cmd.spawn().with_context(|| format!("starting worker {i}"))
-        })
-        .collect()
+/// How `braid run` starts its local workers.
+struct WorkerLauncher {
+    exe: PathBuf,
+    address: String,
+    device: String,
+    gpus: usize,
+    log_dir: PathBuf,
+}
+
+impl WorkerLauncher {
+    fn new(address: &str, device: &str, log_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating the braid binary")?;
+        let gpus = if device == "cuda" { tch::Cuda::device_count().max(1) as usize } else { 1 };
+        Ok(Self { exe, address: address.to_string(), device: device.to_string(), gpus, log_dir: log_dir.to_path_buf() })
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.log_dir.join(format!("worker-{i}.log"))
+    }
+
+    /// Starts worker `i`; a restart appends to the same log after a marker line.
+    fn spawn(&self, i: usize, restart: Option<u32>) -> anyhow::Result<Child> {
+        use std::io::Write;
+        let log_path = self.log_path(i);
+        let mut log = match restart {
+            None => std::fs::File::create(&log_path),
+            Some(_) => std::fs::OpenOptions::new().create(true).append(true).open(&log_path),
+        }
+        .with_context(|| format!("opening {}", log_path.display()))?;
+        if let Some(n) = restart {
+            writeln!(log, "===== braid run: restart {n} of worker {i} =====")?;
+        }
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["worker", "--coordinator", &self.address, "--advertise-host", "127.0.0.1"]);
+        if self.device == "cuda" {
+            cmd.args(["--device", &format!("cuda:{}", i % self.gpus)]);
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.spawn().with_context(|| format!("starting worker {i}"))
+    }
 }
 
 fn progress_bar(steps: u64) -> indicatif::ProgressBar {
@@ -307,6 +362,9 @@ fn print_summary(s: &RunSummary) {
             s.job, s.wall_seconds
         ),
         (None, None) => println!("job {} finished: {} steps with {} workers in {:.1} s", s.job, s.steps, s.workers, s.wall_seconds),
+    }
+    if s.restarts > 0 {
+        println!("worker restarts: {}", s.restarts);
     }
     if let Some(loss) = s.final_loss {
         println!("final loss: {loss:.4}");

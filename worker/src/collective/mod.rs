@@ -362,6 +362,31 @@ pub fn all_reduce_buckets<C: Collective + ?Sized>(
     Ok(())
 }
 
+/// Broadcasts `tensors` in place from rank `root`, bucket by bucket (see [`bucket_ranges`]):
+/// afterwards every rank holds `root`'s values.
+pub fn broadcast_buckets<C: Collective + ?Sized>(
+    collective: &mut C,
+    tensors: &mut [Tensor],
+    bucket_bytes: usize,
+    root: usize,
+) -> Result<(), CollectiveError> {
+    collective.check()?;
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    for range in bucket_ranges(tensors, bucket_bytes) {
+        match &mut tensors[range] {
+            [single] => collective.broadcast(single, root)?,
+            bucket => {
+                let mut flat = flatten(bucket)?;
+                collective.broadcast(&mut flat, root)?;
+                unflatten(&flat, bucket)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -589,6 +589,8 @@ fn ring_all_reduce<T: Element>(
         let (out, into) = split_pair(data, chunk(n, w, send), chunk(n, w, recv));
         call.step(as_bytes(out), |call| call.recv_reduce(into, &mut scratch))?;
     }
+    // Fault injection: a rank dying between the two phases leaves its peers mid-collective.
+    braid_coordinator::failpoint::hit_here("mid-all-reduce");
     // Step s: send chunk (rank + 1 - s), complete here, and receive chunk (rank - s).
     for s in 0..w - 1 {
         let send = (rank + 1 + w - s) % w;

@@ -7,16 +7,21 @@ use std::time::{Duration, Instant};
 
 use braid_coordinator::client::CoordinatorClient;
 use braid_coordinator::config::JobConfig;
-use braid_proto::{RendezvousState, StepReport};
+use braid_proto::{RendezvousReply, RendezvousState};
 use tch::Device;
 
-use crate::checkpoint::participant::{Checkpointer, Taken};
+use crate::checkpoint::participant::Checkpointer;
 use crate::checkpoint::CheckpointStore;
-use crate::collective::{connect_collective, Engine, NcclUniqueId, Rendezvous, RingListener};
-use crate::data::loader::{CorruptSample, Loader, LoaderOptions};
-use crate::data::{store, tokenizer};
-use crate::trainer::{clip_config, ClipTrainer, DeviceBatch};
-use braid_coordinator::plan::SamplePlan;
+use crate::collective::{NcclUniqueId, RingListener};
+use crate::data::tokenizer;
+use crate::trainer::{clip_config, ClipTrainer};
+
+mod generation;
+mod ledger;
+mod state_sync;
+
+use generation::{run_generation, GenerationEnd, Held, WorkerContext};
+use ledger::Ledger;
 
 /// Errors that end a worker.
 #[derive(Debug, thiserror::Error)]
@@ -172,158 +177,111 @@ fn train(
 ) -> Result<(), WorkerError> {
     let tokenizer = tokenizer::load_tokenizer(&config.data.tokenizer)?;
     let host = options.advertise_host.clone().unwrap_or_else(|| local_host_towards(&options.coordinator));
-    let (listener, bound) = RingListener::bind("0.0.0.0:0")?;
-    let endpoint = format!("{host}:{}", port_of(&bound));
-
-    // Rendezvous: poll until a generation that includes this worker is formed.
-    let rendezvous = loop {
-        let reply = runtime.block_on(client.rendezvous(&endpoint))?;
-        match RendezvousState::try_from(reply.state) {
-            Ok(RendezvousState::Ready) => break reply,
-            Ok(RendezvousState::JobFinished) => return Ok(()),
-            _ => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
-    let (generation, rank, world_size) = (rendezvous.generation, rendezvous.rank as usize, rendezvous.world_size as usize);
-    let timeout = Duration::from_secs_f64(config.cluster.collective_timeout_s);
-    let material = match Engine::for_device(device) {
-        Engine::Ring => Rendezvous::Ring { listener, endpoints: rendezvous.endpoints.clone(), session: generation },
-        Engine::Nccl => Rendezvous::Nccl { id: nccl_bootstrap(runtime, client, &endpoint, generation, rank, rendezvous.bootstrap)? },
-    };
-    let mut coll = connect_collective(device, rank, world_size, material, timeout)?;
-    tracing::info!(rank, world_size, generation, engine = coll.engine(), "collective connected");
-    let plan_reply = runtime.block_on(client.data_plan(generation))?;
-    tracing::info!(rank, world_size, generation, start_step = plan_reply.start_step, "rendezvous complete");
-
     let clip = clip_config(config, tokenizer.vocab_size() as i64).map_err(crate::trainer::TrainError::from)?;
-    let mut trainer = ClipTrainer::new(config, clip, device)?;
+    let mut held = Held { trainer: ClipTrainer::new(config, clip, device)?, step: None, pristine: true };
     let checkpoints = config.checkpoint.url.as_deref().map(CheckpointStore::open).transpose()?;
-    let checkpointer = checkpoints
-        .clone()
-        .map(|store| Checkpointer::new(store, client.clone(), runtime.handle().clone(), generation, rank));
-    if plan_reply.resume_manifest_url.is_empty() {
-        if let Some(init) = &config.model.init_from {
-            crate::export::init_from_open_clip(&mut trainer, init)?;
-            tracing::info!("initialised from {init}");
+    let checkpointer = checkpoints.clone().map(|store| Checkpointer::new(store, client.clone(), runtime.handle().clone()));
+    let ledger = match &config.telemetry.sample_ledger {
+        Some(folder) => {
+            let id = client.worker_id().unwrap_or_default();
+            let ledger = Ledger::open(std::path::Path::new(folder), &config.job.name, &id)
+                .map_err(|e| WorkerError::Protocol(format!("sample ledger in {folder}: {e}")))?;
+            Some(std::sync::Mutex::new(ledger))
         }
-    } else {
-        let store = checkpoints.as_ref().ok_or_else(|| WorkerError::Protocol("resume without a checkpoint url".into()))?;
-        let (manifest, tensors) = store.read_checkpoint(&plan_reply.resume_manifest_url)?;
-        trainer.load_state(tensors, &plan_reply.resume_manifest_url)?;
-        tracing::info!(step = manifest.step, "resumed from {}", plan_reply.resume_manifest_url);
-    }
-
-    let manifest = Arc::new(store::load_manifest(&plan_reply.manifest_url)?);
-    let plan = SamplePlan::new(manifest, plan_reply.seed, config.data.shuffle_window_shards);
-    let corrupt_client = client.clone();
-    let handle = runtime.handle().clone();
-    let on_corrupt = Arc::new(move |c: CorruptSample| {
-        tracing::warn!(shard = %c.shard, key = %c.key, "corrupt sample skipped: {}", c.reason);
-        let client = corrupt_client.clone();
-        let _ = handle.block_on(client.report_corrupt(&c.shard, &c.key, &c.reason));
-    });
-    let global_batch = config.train.global_batch;
-    let mut loader = Loader::new(LoaderOptions {
-        plan,
-        manifest_url: plan_reply.manifest_url.clone(),
-        rank,
-        world_size,
-        global_batch,
-        start_step: plan_reply.start_step,
-        end_step: plan_reply.total_steps,
-        image_size: clip.vision.image_size as usize,
-        context_length: clip.text.context_length as usize,
-        tokenizer: tokenizer.clone(),
-        decode_threads: config.data.decode_threads,
-        prefetch_batches: config.data.prefetch_batches,
-        train: true,
-        min_crop_scale: config.data.min_crop_scale,
-        seed: config.job.seed,
-        max_corrupt_samples: config.data.max_corrupt_samples,
-        on_corrupt,
-        runtime: None,
-    })?;
-
-    let slot = global_batch.div_ceil(world_size);
-    for step in plan_reply.start_step..plan_reply.total_steps {
-        let started = Instant::now();
-        let batch = loader.next_batch()?;
-        let device_batch = DeviceBatch::from_batch(&batch, slot, clip.vision.image_size, device, trainer.compute_kind());
-        let stats = trainer.train_step_with(step, &device_batch, coll.as_mut(), || {
-            if let Some(checkpointer) = &checkpointer {
-                checkpointer.before_update();
-            }
-        })?;
-        coll.check()?;
-        step_now.store(step, Ordering::Relaxed);
-        if rank == 0 && (step % config.telemetry.log_every_steps.max(1) == 0 || step + 1 == plan_reply.total_steps) {
-            tracing::info!(step, loss = stats.loss, lr = stats.lr, grad_norm = stats.grad_norm, logit_scale = stats.logit_scale, "step");
-        }
-        let reply = runtime.block_on(client.report_step(StepReport {
-            header: None,
-            generation,
-            step,
-            loss: stats.loss,
-            learning_rate: stats.lr,
-            grad_norm: stats.grad_norm,
-            logit_scale: stats.logit_scale,
-            samples: stats.samples,
-            step_seconds: started.elapsed().as_secs_f64(),
-            data_wait_seconds: batch.data_wait.as_secs_f64(),
-            skipped_samples: loader.corrupt_samples(),
-            collective_wait_seconds: 0.0,
-        }))?;
-        let last = step + 1 == plan_reply.total_steps;
-        let every = config.checkpoint.every_steps;
-        let requested = reply.checkpoint_step == Some(step);
-        let stop_here = requested && reply.stop_after_checkpoint;
-        if let Some(checkpointer) = &checkpointer {
-            if last || requested || (every > 0 && (step + 1) % every == 0) {
-                let attempt = format!("{}-s{step}", plan_reply.attempt_prefix);
-                let state = || {
-                    let mut state = trainer.state();
-                    state.push(("train.step".into(), tch::Tensor::from(step as i64)));
-                    state
-                };
-                match checkpointer.take(step, &attempt, state, last || stop_here) {
-                    Taken::Started { blocked } => {
-                        tracing::info!(step, blocked_seconds = blocked.as_secs_f64(), "checkpoint started")
-                    }
-                    Taken::Deferred => tracing::warn!(step, "checkpoint deferred: the previous upload is still in flight"),
+        None => None,
+    };
+    loop {
+        // A fresh ring endpoint per generation: the previous one's connections may linger.
+        let (listener, bound) = RingListener::bind("0.0.0.0:0")?;
+        let endpoint = format!("{host}:{}", port_of(&bound));
+        let Some(rendezvous) = rendezvous(runtime, client, &endpoint, held.step)? else {
+            break;
+        };
+        let ctx = WorkerContext {
+            runtime,
+            client,
+            config,
+            device,
+            tokenizer: &tokenizer,
+            endpoint: &endpoint,
+            checkpoints: checkpoints.as_ref(),
+            checkpointer: checkpointer.as_ref(),
+            ledger: ledger.as_ref(),
+            step_now,
+        };
+        let generation = rendezvous.generation;
+        match run_generation(&ctx, &mut held, rendezvous, listener) {
+            Ok(GenerationEnd::JobOver) => {
+                if let Some(checkpointer) = &checkpointer {
+                    checkpointer.finish();
+                }
+                match wait_for_job_end(runtime, client, config)? {
+                    JobEnd::Finished => break,
+                    JobEnd::GenerationEnded => tracing::warn!(generation, "the generation ended before the job was marked finished; rendezvous again"),
                 }
             }
-        }
-        if stop_here {
-            tracing::warn!(step, "stopping after this checkpoint, as the coordinator asked");
-            break;
-        }
-        if reply.stop {
-            tracing::info!(step, "the coordinator asked to stop");
-            break;
-        }
-        if reply.rendezvous_required {
-            return Err(WorkerError::Protocol(format!(
-                "generation {generation} ended at step {step} (a member left); this worker stops"
-            )));
+            Ok(GenerationEnd::Rendezvous(reason)) => tracing::info!(generation, held_step = ?held.step, "{reason}; rendezvous again"),
+            Err(e) if e.is_recoverable() => {
+                tracing::warn!(generation, held_step = ?held.step, "generation {generation} failed: {e}; rendezvous again")
+            }
+            Err(e) => return Err(e),
         }
     }
     if let Some(checkpointer) = &checkpointer {
         checkpointer.finish();
     }
-    wait_for_job_end(runtime, client, config)
+    Ok(())
+}
+
+/// Polls the rendezvous until a generation that includes this worker is formed (`None` when
+/// the job finished instead). `held_step` tells the coordinator what state this worker holds.
+fn rendezvous(
+    runtime: &tokio::runtime::Runtime,
+    client: &CoordinatorClient,
+    endpoint: &str,
+    held_step: Option<u64>,
+) -> Result<Option<RendezvousReply>, WorkerError> {
+    let mut outage_since: Option<Instant> = None;
+    loop {
+        match runtime.block_on(client.rendezvous_holding(endpoint, held_step)) {
+            Ok(reply) => match RendezvousState::try_from(reply.state) {
+                Ok(RendezvousState::Ready) => return Ok(Some(reply)),
+                Ok(RendezvousState::JobFinished) => return Ok(None),
+                _ => {}
+            },
+            Err(e) if e.is_outage() => {
+                let since = *outage_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > COORDINATOR_OUTAGE_LIMIT {
+                    return Err(e.into());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How long a worker between generations waits for an unreachable coordinator.
+const COORDINATOR_OUTAGE_LIMIT: Duration = Duration::from_secs(600);
+
+/// How waiting for the end of the job ended.
+enum JobEnd {
+    Finished,
+    GenerationEnded,
 }
 
 /// Stays a member until the coordinator reports the job finished (the final checkpoint needs
 /// every rank of the generation), so an early exit cannot end the generation under the others.
-fn wait_for_job_end(runtime: &tokio::runtime::Runtime, client: &CoordinatorClient, config: &JobConfig) -> Result<(), WorkerError> {
+fn wait_for_job_end(runtime: &tokio::runtime::Runtime, client: &CoordinatorClient, config: &JobConfig) -> Result<JobEnd, WorkerError> {
     let deadline = Instant::now() + Duration::from_secs_f64(config.cluster.heartbeat_timeout_s.max(1.0) * 4.0 + 60.0);
     while Instant::now() < deadline {
-        let reply = runtime.block_on(client.heartbeat(config.train.steps.saturating_sub(1)))?;
-        if reply.job_finished {
-            return Ok(());
-        }
-        if reply.rendezvous_required {
-            return Err(WorkerError::Protocol("the generation ended before the job was marked finished".into()));
+        match runtime.block_on(client.heartbeat(config.train.steps.saturating_sub(1))) {
+            Ok(reply) if reply.job_finished => return Ok(JobEnd::Finished),
+            Ok(reply) if reply.rendezvous_required => return Ok(JobEnd::GenerationEnded),
+            Ok(_) => {}
+            Err(e) if e.is_outage() => {}
+            Err(e) => return Err(e.into()),
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -332,13 +290,14 @@ fn wait_for_job_end(runtime: &tokio::runtime::Runtime, client: &CoordinatorClien
 
 /// Rank 0 creates this generation's NCCL id and publishes it; the others poll the rendezvous
 /// until it is there.
-fn nccl_bootstrap(
+pub(crate) fn nccl_bootstrap(
     runtime: &tokio::runtime::Runtime,
     client: &CoordinatorClient,
     endpoint: &str,
     generation: u64,
     rank: usize,
     mut bootstrap: Vec<u8>,
+    held_step: Option<u64>,
 ) -> Result<NcclUniqueId, WorkerError> {
     if rank == 0 {
         let id = NcclUniqueId::new()?;
@@ -347,7 +306,7 @@ fn nccl_bootstrap(
     }
     while bootstrap.is_empty() {
         std::thread::sleep(Duration::from_millis(50));
-        let reply = runtime.block_on(client.rendezvous(endpoint))?;
+        let reply = runtime.block_on(client.rendezvous_holding(endpoint, held_step))?;
         if reply.generation != generation {
             return Err(WorkerError::Protocol(format!("generation {generation} ended before rank 0 published its NCCL id")));
         }
@@ -358,4 +317,12 @@ fn nccl_bootstrap(
 
 fn port_of(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap_or(addr)
+}
+
+impl WorkerError {
+    /// True for failures that end a generation but not the worker: a collective that failed
+    /// or timed out (a peer died or was cut off). The worker rendezvous again with its state.
+    pub fn is_recoverable(&self) -> bool {
+        matches!(self, WorkerError::Collective(_) | WorkerError::Train(crate::trainer::TrainError::Collective(_)))
+    }
 }

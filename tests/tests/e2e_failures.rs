@@ -1,0 +1,350 @@
+//! Failures as normal events, with real processes on 127.0.0.1: workers killed mid-step,
+//! mid-collective and mid-checkpoint and replaced (`cluster.max_restarts`), workers lost for
+//! good (the job shrinks to `min_workers`), and a worker joining mid-run (the job grows). Every
+//! run is fp64 and compared with a failure-free run of the same job, and its sample ledger is
+//! audited: each step applied once, each sample of an epoch consumed exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use braid_coordinator::failpoint::{FAILPOINT_ENV, FAILPOINT_ONCE_ENV};
+use braid_tests::{
+    braid_bin, braid_run, processes_in_group, read_latest_checkpoint, read_logs, relative_difference, spawn_braid,
+    synth_data, with_prefix, JobFile, KillOnDrop, SynthData,
+};
+use serde_json::Value;
+
+/// Bound on one run of these tests.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Training samples of the synthetic dataset (25 steps of 32 per epoch).
+const TRAIN_SAMPLES: usize = 800;
+const GLOBAL_BATCH: usize = 32;
+
+/// A small seeded generator (SplitMix64) for kill moments; the seed is printed, and
+/// `BRAID_CHAOS_SEED` replays a run.
+struct Chaos(u64);
+
+impl Chaos {
+    fn from_env_or_clock() -> Self {
+        let seed = std::env::var("BRAID_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        });
+        println!("chaos seed {seed} (set BRAID_CHAOS_SEED={seed} to replay)");
+        Self(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `range`.
+    fn pick(&mut self, range: std::ops::Range<u64>) -> u64 {
+        range.start + self.next() % (range.end - range.start)
+    }
+}
+
+fn fp64_job(name: &str, data: &SynthData, dir: &Path, workers: usize, steps: u64) -> JobFile {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    JobFile {
+        seed: 11,
+        precision: "fp64".into(),
+        global_batch: GLOBAL_BATCH,
+        steps,
+        workers,
+        checkpoint: Some(dir.join("checkpoints")),
+        every_steps: 10,
+        keep: 3,
+        sample_ledger: Some(dir.join("ledger")),
+        ..JobFile::new(name, data)
+    }
+}
+
+/// Runs `job` to completion without failures; returns its final model and per-step losses.
+fn failure_free(job: &JobFile, dir: &Path, workers: usize) -> (BTreeMap<String, tch::Tensor>, BTreeMap<u64, f64>) {
+    let path = job.write(&dir.join("job.toml"));
+    let logs = dir.join("logs");
+    let out = braid_run(&path, workers, &logs, RUN_TIMEOUT);
+    assert!(out.status.success(), "failure-free run failed:\n{}\n{}", out.text(), read_logs(&logs));
+    let losses = audit_ledger(job.sample_ledger.as_deref().expect("a ledger"), job.steps);
+    (read_latest_checkpoint(job.checkpoint.as_deref().expect("checkpoints")), losses)
+}
+
+/// Every ledger line of every worker in `folder`.
+fn ledger_lines(folder: &Path) -> Vec<Value> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(folder).unwrap_or_else(|e| panic!("reading ledger folder {}: {e}", folder.display())) {
+        let path = entry.expect("ledger entry").path();
+        let text = std::fs::read_to_string(&path).expect("ledger file");
+        lines.extend(text.lines().filter(|l| !l.trim().is_empty()).map(|l| {
+            serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{}: bad ledger line {l:?}: {e}", path.display()))
+        }));
+    }
+    lines
+}
+
+/// The highest step any worker applied so far (`None` before the first).
+fn applied_so_far(folder: &Path) -> Option<u64> {
+    if !folder.exists() {
+        return None;
+    }
+    ledger_lines(folder).iter().filter(|l| l["event"] == "applied").filter_map(|l| l["step"].as_u64()).max()
+}
+
+/// Audits the sample ledger of a job of `steps` steps: every step was applied in exactly one
+/// generation; in that generation every rank contributed its slice, and the slices make up
+/// the global batch; over each full epoch every sample was consumed exactly once, and no
+/// sample twice in the last, partial one. Returns each step's loss (equal on every rank).
+fn audit_ledger(folder: &Path, steps: u64) -> BTreeMap<u64, f64> {
+    let lines = ledger_lines(folder);
+    let mut applied: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    let mut losses: BTreeMap<u64, f64> = BTreeMap::new();
+    for l in lines.iter().filter(|l| l["event"] == "applied") {
+        let (step, generation) = (l["step"].as_u64().unwrap(), l["generation"].as_u64().unwrap());
+        applied.entry(step).or_default().insert(generation);
+        let loss = l["loss"].as_f64().unwrap();
+        let seen = *losses.entry(step).or_insert(loss);
+        assert_eq!(seen.to_bits(), loss.to_bits(), "ranks report different losses for step {step}");
+    }
+    let mut consumed: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for step in 0..steps {
+        let generations = applied.get(&step).unwrap_or_else(|| panic!("step {step} was never applied"));
+        assert_eq!(generations.len(), 1, "step {step} was applied in generations {generations:?}");
+        let generation = *generations.iter().next().unwrap();
+        let slices: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["event"] == "contributed" && l["step"] == step && l["generation"] == generation)
+            .collect();
+        let world = slices.first().and_then(|l| l["world_size"].as_u64()).expect("a contribution") as usize;
+        let ranks: BTreeSet<u64> = slices.iter().map(|l| l["rank"].as_u64().unwrap()).collect();
+        assert_eq!(
+            (slices.len(), ranks.len()),
+            (world, world),
+            "step {step} of generation {generation}: {} contributions from ranks {ranks:?} of {world}",
+            slices.len()
+        );
+        let keys: Vec<String> = slices
+            .iter()
+            .flat_map(|l| l["samples"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(keys.len(), GLOBAL_BATCH, "step {step} consumed {} samples", keys.len());
+        consumed.insert(step, keys);
+    }
+    let per_epoch = (TRAIN_SAMPLES / GLOBAL_BATCH) as u64;
+    for epoch in 0..steps.div_ceil(per_epoch) {
+        let range = epoch * per_epoch..((epoch + 1) * per_epoch).min(steps);
+        let keys: Vec<&String> = range.clone().flat_map(|s| consumed[&s].iter()).collect();
+        let distinct: BTreeSet<&String> = keys.iter().copied().collect();
+        assert_eq!(distinct.len(), keys.len(), "epoch {epoch}: {} samples consumed more than once", keys.len() - distinct.len());
+        if range.end - range.start == per_epoch {
+            assert_eq!(distinct.len(), TRAIN_SAMPLES, "epoch {epoch} consumed {} of {TRAIN_SAMPLES} samples", distinct.len());
+        }
+    }
+    println!(
+        "ledger: {steps} steps applied once each, in {} generation(s); every sample once per epoch",
+        applied.values().flatten().collect::<BTreeSet<_>>().len()
+    );
+    losses
+}
+
+/// Asserts the `model.*` tensors of two checkpoints agree within `tolerance` (relative to each
+/// tensor's largest magnitude); returns the largest difference.
+fn assert_models_close(a: &BTreeMap<String, tch::Tensor>, b: &BTreeMap<String, tch::Tensor>, tolerance: f64) -> f64 {
+    let (a, b) = (with_prefix(a, "model."), with_prefix(b, "model."));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut worst = 0.0f64;
+    for (name, x) in &a {
+        let d = relative_difference(x, b[name]);
+        assert!(d <= tolerance, "{name} differs by {d:e} (tolerance {tolerance:e})");
+        worst = worst.max(d);
+    }
+    worst
+}
+
+fn assert_losses_close(got: &BTreeMap<u64, f64>, want: &BTreeMap<u64, f64>, tolerance: f64) -> f64 {
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "different steps");
+    let mut worst = 0.0f64;
+    for (step, w) in want {
+        let d = (got[step] - w).abs() / w.abs().max(1e-300);
+        assert!(d <= tolerance, "step {step}: loss {} vs failure-free {w} ({d:e} relative)", got[step]);
+        worst = worst.max(d);
+    }
+    worst
+}
+
+/// The worker processes (`braid worker`) of process group `group`.
+fn worker_pids(group: u32) -> Vec<u32> {
+    processes_in_group(group)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|b| *b == 0).any(|arg| arg == b"worker"))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Waits until some worker applied `step` (or the run ended).
+fn wait_for_step(ledger: &Path, step: u64, deadline: Instant) {
+    while applied_so_far(ledger).is_none_or(|s| s < step) {
+        assert!(Instant::now() < deadline, "step {step} not reached in time");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn killed_workers_are_replaced_and_the_run_equals_the_failure_free_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
+    let steps = 90;
+    let reference_dir = dir.path().join("reference");
+    let (reference, reference_losses) = failure_free(&fp64_job("chaos", &data, &reference_dir, 4, steps), &reference_dir, 4);
+
+    let mut chaos = Chaos::from_env_or_clock();
+    let collective_step = chaos.pick(12..30);
+    let collective_rank = chaos.pick(0..4);
+    let checkpoint_step = [39, 49][chaos.pick(0..2) as usize];
+    let kill_step = chaos.pick(60..75);
+    let kill_delay = Duration::from_millis(chaos.pick(0..40));
+    println!(
+        "crash rank {collective_rank} mid all-reduce at step {collective_step}; crash rank 0 while uploading the \
+         checkpoint of step {checkpoint_step}; kill -9 a worker {kill_delay:?} after step {kill_step}"
+    );
+
+    let run_dir = dir.path().join("chaos");
+    let job = JobFile { max_restarts: 3, ..fp64_job("chaos", &data, &run_dir, 4, steps) };
+    let path = job.write(&run_dir.join("job.toml"));
+    let logs = run_dir.join("logs");
+    let env = vec![
+        (FAILPOINT_ENV.to_string(), format!("mid-all-reduce@{collective_step}#{collective_rank},part-upload@{checkpoint_step}")),
+        (FAILPOINT_ONCE_ENV.to_string(), run_dir.join("fired").display().to_string()),
+    ];
+    let run = braid_tests::spawn_braid_run(&path, 4, &logs, &env);
+    let ledger = job.sample_ledger.clone().unwrap();
+    wait_for_step(&ledger, kill_step, Instant::now() + RUN_TIMEOUT);
+    std::thread::sleep(kill_delay);
+    let workers = worker_pids(run.id());
+    let victim = workers[chaos.pick(0..workers.len() as u64) as usize];
+    println!("kill -9 worker process {victim} (of {workers:?})");
+    let _ = std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status();
+
+    let out = run.wait_for_group(RUN_TIMEOUT);
+    let summary = out.summary();
+    println!("{summary:#}");
+    assert!(out.status.success(), "chaos run failed:\n{}\n{}", out.text(), read_logs(&logs));
+    assert_eq!(summary["finished"], true);
+    assert_eq!(summary["restarts"], 3, "three dead workers replaced: {summary:#}");
+    let fired: Vec<PathBuf> = std::fs::read_dir(run_dir.join("fired")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(fired.len(), 2, "both crash points fired: {fired:?}");
+    let worker_logs = read_logs(&logs);
+    assert!(worker_logs.contains("Memory"), "no generation started from a survivor's in-memory state:\n{worker_logs}");
+
+    let losses = audit_ledger(&ledger, steps);
+    let loss_diff = assert_losses_close(&losses, &reference_losses, 1e-12);
+    let diff = assert_models_close(&reference, &read_latest_checkpoint(job.checkpoint.as_deref().unwrap()), 1e-12);
+    println!("fp64: final parameters within {diff:e} and losses within {loss_diff:e} of the failure-free run");
+}
+
+#[test]
+fn the_job_shrinks_to_min_workers_and_keeps_the_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
+    let steps = 40;
+    let reference_dir = dir.path().join("reference");
+    let (_, reference_losses) = failure_free(&fp64_job("shrink", &data, &reference_dir, 4, steps), &reference_dir, 4);
+
+    let run_dir = dir.path().join("shrink");
+    let job = JobFile { min_workers: Some(2), rendezvous_grace_s: Some(1.0), ..fp64_job("shrink", &data, &run_dir, 4, steps) };
+    let path = job.write(&run_dir.join("job.toml"));
+    let logs = run_dir.join("logs");
+    // Two ranks die for good: one mid all-reduce, one at the start of a later step.
+    let env = vec![
+        (FAILPOINT_ENV.to_string(), "mid-all-reduce@8#1,mid-all-reduce@21#0".to_string()),
+        (FAILPOINT_ONCE_ENV.to_string(), run_dir.join("fired").display().to_string()),
+    ];
+    let log_dir = logs.display().to_string();
+    let run = spawn_braid(["run", path.to_str().unwrap(), "--json", "--log-dir", &log_dir], &env);
+    let out = run.wait_for_group(RUN_TIMEOUT);
+    assert!(out.status.success(), "shrinking run failed:\n{}\n{}", out.text(), read_logs(&logs));
+    assert_eq!(out.summary()["finished"], true);
+
+    let ledger_path = job.sample_ledger.clone().unwrap();
+    let worlds: BTreeSet<u64> = ledger_lines(&ledger_path)
+        .iter()
+        .filter(|l| l["event"] == "applied" && l["step"].as_u64() == Some(steps - 1))
+        .filter_map(|l| l["world_size"].as_u64())
+        .collect();
+    assert_eq!(worlds, BTreeSet::from([2]), "the last step ran at world size 2");
+    let losses = audit_ledger(&ledger_path, steps);
+    let worst = assert_losses_close(&losses, &reference_losses, 1e-9);
+    println!("W=4 -> 3 -> 2 with global batch {GLOBAL_BATCH}: per-step losses within {worst:e} of the W=4 run");
+}
+
+#[test]
+fn a_worker_joining_mid_run_gets_the_state_by_broadcast() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
+    let steps = 60;
+    let reference_dir = dir.path().join("reference");
+    let (reference, reference_losses) = failure_free(&fp64_job("grow", &data, &reference_dir, 2, steps), &reference_dir, 2);
+
+    let run_dir = dir.path().join("grow");
+    let job = JobFile { min_workers: Some(2), rendezvous_grace_s: Some(0.5), ..fp64_job("grow", &data, &run_dir, 3, steps) };
+    let path = job.write(&run_dir.join("job.toml"));
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let port = braid_tests::free_port();
+    let address = format!("127.0.0.1:{port}");
+    let spawn = |args: Vec<String>, log: &str| {
+        let file = std::fs::File::create(logs.join(log)).unwrap();
+        KillOnDrop(
+            std::process::Command::new(braid_bin())
+                .args(args)
+                .stdout(file.try_clone().unwrap())
+                .stderr(file)
+                .spawn()
+                .expect("starting braid"),
+        )
+    };
+    let mut coordinator =
+        spawn(vec!["coordinator".into(), "--job".into(), path.display().to_string(), "--listen".into(), address.clone()], "coordinator.log");
+    let worker = |i: usize| {
+        spawn(
+            vec!["worker".into(), "--coordinator".into(), address.clone(), "--advertise-host".into(), "127.0.0.1".into()],
+            &format!("worker-{i}.log"),
+        )
+    };
+    let mut first = vec![worker(0), worker(1)];
+    let ledger = job.sample_ledger.clone().unwrap();
+    wait_for_step(&ledger, 15, Instant::now() + RUN_TIMEOUT);
+    first.push(worker(2));
+
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while coordinator.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the growing job did not finish:\n{}", read_logs(&logs));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = coordinator.0.wait().unwrap();
+    assert!(status.success(), "coordinator failed:\n{}", read_logs(&logs));
+    for w in &mut first {
+        let _ = w.0.wait();
+    }
+    let newcomer = std::fs::read_to_string(logs.join("worker-2.log")).unwrap();
+    assert!(newcomer.contains("Memory"), "the new worker did not receive the state by broadcast:\n{newcomer}");
+    assert!(!newcomer.contains("resumed from"), "the new worker read a checkpoint:\n{newcomer}");
+    let worlds: BTreeSet<u64> = ledger_lines(&ledger)
+        .iter()
+        .filter(|l| l["event"] == "applied")
+        .filter_map(|l| l["world_size"].as_u64())
+        .collect();
+    assert_eq!(worlds, BTreeSet::from([2, 3]), "trained at W=2, then W=3");
+
+    let losses = audit_ledger(&ledger, steps);
+    let worst_loss = assert_losses_close(&losses, &reference_losses, 1e-9);
+    let worst = assert_models_close(&reference, &read_latest_checkpoint(job.checkpoint.as_deref().unwrap()), 1e-9);
+    println!("W=2 -> 3 mid-run: losses within {worst_loss:e}, final parameters within {worst:e} of the W=2 run");
+}
