@@ -143,3 +143,15 @@ impl Error {
         }
     }
 }
+
+impl Error {
+    /// True when the coordinator no longer knows the worker (declared dead while it was cut
+    /// off, or a coordinator without its record): the worker must join again.
+    pub fn is_unknown_worker(&self) -> bool {
+        match self {
+            Error::UnknownWorker(_) => true,
+            Error::Rpc { code, .. } => matches!(code, tonic::Code::NotFound),
+            _ => false,
+        }
+    }
+}

@@ -68,7 +68,15 @@ impl Sim {
     }
 
     /// A step report with the given step time and time waiting in collectives.
-    fn step_timed(&mut self, t: f64, id: &str, generation: u64, step: u64, seconds: f64, wait: f64) -> braid_proto::StepReply {
+    fn step_timed(
+        &mut self,
+        t: f64,
+        id: &str,
+        generation: u64,
+        step: u64,
+        seconds: f64,
+        wait: f64,
+    ) -> braid_proto::StepReply {
         let req = StepReport {
             header: header(id),
             generation,
@@ -765,7 +773,8 @@ fn the_next_generation_starts_after_the_newest_state_a_member_holds() {
     s.c.tick(s.at(13.0));
     let logs = s.logs();
     assert!(
-        logs.iter().any(|l| l == "generation 2 starts at step 5 from rank 1's in-memory state (held by 2 of 3 members)"),
+        logs.iter()
+            .any(|l| l == "generation 2 starts at step 5 from rank 1's in-memory state (held by 2 of 3 members)"),
         "{logs:?}"
     );
     let held: Vec<Option<u64>> = s.c.progress().members.iter().map(|m| m.held_step).collect();
@@ -779,7 +788,10 @@ fn the_next_generation_starts_after_the_newest_state_a_member_holds() {
     let p = s.c.progress();
     assert_eq!(p.steps_done, 5);
     let record = p.generation_history.last().unwrap();
-    assert_eq!((record.number, record.world_size, record.start_step, record.source.as_str()), (2, 3, 5, "memory:rank1"));
+    assert_eq!(
+        (record.number, record.world_size, record.start_step, record.source.as_str()),
+        (2, 3, 5, "memory:rank1")
+    );
     assert!(p.generation_history[0].ended.as_deref().unwrap().contains("left"), "{:?}", p.generation_history);
     assert_eq!(
         p.members.iter().map(|m| m.held_step).collect::<Vec<_>>(),
@@ -790,9 +802,7 @@ fn the_next_generation_starts_after_the_newest_state_a_member_holds() {
 
 #[test]
 fn a_state_holding_the_checkpointed_step_is_used_and_an_older_one_is_not() {
-    for (held, start, source_rank, url) in
-        [(2, 3, Some(0), ""), (1, 3, None, "/ckpt/step-000002/manifest.json")]
-    {
+    for (held, start, source_rank, url) in [(2, 3, Some(0), ""), (1, 3, None, "/ckpt/step-000002/manifest.json")] {
         let mut s = Sim::new(long(with_checkpoints(1, 2), 100));
         let ids = s.formed(0.0, 2);
         s.train(5.0, &ids, 1, 0..3);
@@ -835,7 +845,10 @@ fn without_held_state_a_generation_restores_the_checkpoint_or_starts_fresh() {
     let r = s.rdv(15.0, &ids[0]);
     assert_eq!((r.generation, r.world_size), (3, 2), "{r:?}");
     let dp = s.plan(15.1, &late, 3);
-    assert_eq!((dp.start_step, dp.state_source_rank, dp.resume_manifest_url.as_str()), (1, None, "/ckpt/step-000000/manifest.json"));
+    assert_eq!(
+        (dp.start_step, dp.state_source_rank, dp.resume_manifest_url.as_str()),
+        (1, None, "/ckpt/step-000000/manifest.json")
+    );
     assert!(s.logs().iter().any(|l| l.starts_with("generation 3 starts at step 1 from checkpoint step 0")));
 }
 
@@ -918,7 +931,11 @@ fn a_scale_up_waits_for_a_step_boundary_every_rank_reaches() {
     assert_eq!((r.generation, r.rank, r.world_size), (2, 0, 3), "max_workers reached: forms at once");
     for (rank, id) in [&ids[0], &ids[1], &late].into_iter().enumerate() {
         let dp = s.plan(13.0, id, 2);
-        assert_eq!((dp.start_step, dp.state_source_rank, dp.resume_manifest_url.as_str()), (3, Some(0), ""), "rank {rank}");
+        assert_eq!(
+            (dp.start_step, dp.state_source_rank, dp.resume_manifest_url.as_str()),
+            (3, Some(0), ""),
+            "rank {rank}"
+        );
     }
     let p = s.c.progress();
     assert_eq!((p.generation, p.world_size, p.rejoins), (2, 3, 1));
@@ -963,7 +980,10 @@ fn a_dead_worker_ends_the_generation_and_survivors_continue_from_memory() {
     assert_eq!((r.generation, r.rank, r.world_size), (2, 1, 2));
     let dp = s.plan(42.7, &ids[2], 2);
     assert_eq!((dp.start_step, dp.state_source_rank), (5, Some(0)));
-    assert!(s.logs().iter().any(|l| l == "generation 2 starts at step 5 from rank 0's in-memory state (held by 2 of 2 members)"));
+    assert!(s
+        .logs()
+        .iter()
+        .any(|l| l == "generation 2 starts at step 5 from rank 0's in-memory state (held by 2 of 2 members)"));
 }
 
 #[test]
@@ -1052,7 +1072,12 @@ fn a_restored_coordinator_answers_like_the_original() {
     let ids = s.formed(0.0, 3);
     s.train(5.0, &ids, 1, 0..3);
     s.checkpoint(6.0, &ids, 1, 1);
-    let corrupt = CorruptReport { header: header(&ids[1]), shard: "s-1.tar".into(), sample_key: "k1".into(), reason: "bad".into() };
+    let corrupt = CorruptReport {
+        header: header(&ids[1]),
+        shard: "s-1.tar".into(),
+        sample_key: "k1".into(),
+        reason: "bad".into(),
+    };
     s.c.report_corrupt(s.at(6.5), &corrupt).unwrap();
     ask(&mut s, 7.0, false);
     let late = s.join(7.5, "late");
@@ -1078,9 +1103,14 @@ fn a_restored_coordinator_answers_like_the_original() {
 
     // Workers keep their ids and ranks; the next RPCs get the same answers.
     let (p, q) = (s.c.progress(), r.c.progress());
-    assert_eq!(p.members.iter().map(|m| (&m.worker_id, m.rank, m.state)).collect::<Vec<_>>(),
-        q.members.iter().map(|m| (&m.worker_id, m.rank, m.state)).collect::<Vec<_>>());
-    assert_eq!((p.generation, p.world_size, p.steps_done, &p.checkpoints, p.corrupt_samples), (q.generation, q.world_size, q.steps_done, &q.checkpoints, q.corrupt_samples));
+    assert_eq!(
+        p.members.iter().map(|m| (&m.worker_id, m.rank, m.state)).collect::<Vec<_>>(),
+        q.members.iter().map(|m| (&m.worker_id, m.rank, m.state)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (p.generation, p.world_size, p.steps_done, &p.checkpoints, p.corrupt_samples),
+        (q.generation, q.world_size, q.steps_done, &q.checkpoints, q.corrupt_samples)
+    );
     for id in &ids {
         same(&mut s, &mut r, |x| x.beat(9.5, id));
         let reply = same(&mut s, &mut r, |x| x.step(10.0, id, 1, 4));
@@ -1088,7 +1118,8 @@ fn a_restored_coordinator_answers_like_the_original() {
     }
     same(&mut s, &mut r, |x| x.rdv(10.0, &late));
     for (rank, id) in ids.iter().enumerate().skip(1) {
-        let voted = same(&mut s, &mut r, |x| x.vote(10.5, id, rank as u32, 4, "g1-n0nce-4", true).map_err(|e| e.to_string()));
+        let voted =
+            same(&mut s, &mut r, |x| x.vote(10.5, id, rank as u32, 4, "g1-n0nce-4", true).map_err(|e| e.to_string()));
         assert_eq!(voted, Ok(false));
     }
     let plan = same(&mut s, &mut r, |x| x.commits());

@@ -120,6 +120,10 @@ pub struct JobFile {
     pub max_restarts: u32,
     /// `cluster.rendezvous_grace_s`, when set.
     pub rendezvous_grace_s: Option<f64>,
+    /// `cluster.heartbeat_timeout_s`, when set.
+    pub heartbeat_timeout_s: Option<f64>,
+    /// `cluster.collective_timeout_s`, when set.
+    pub collective_timeout_s: Option<f64>,
     /// `telemetry.sample_ledger`, when set.
     pub sample_ledger: Option<PathBuf>,
     /// `checkpoint.url`.
@@ -153,6 +157,8 @@ impl JobFile {
             min_workers: None,
             max_restarts: 0,
             rendezvous_grace_s: None,
+            heartbeat_timeout_s: None,
+            collective_timeout_s: None,
             sample_ledger: None,
             checkpoint: None,
             every_steps: 0,
@@ -184,8 +190,14 @@ impl JobFile {
             self.workers,
             self.max_restarts
         );
-        if let Some(grace) = self.rendezvous_grace_s {
-            let _ = writeln!(t, "rendezvous_grace_s = {grace:?}");
+        for (key, value) in [
+            ("rendezvous_grace_s", self.rendezvous_grace_s),
+            ("heartbeat_timeout_s", self.heartbeat_timeout_s),
+            ("collective_timeout_s", self.collective_timeout_s),
+        ] {
+            if let Some(v) = value {
+                let _ = writeln!(t, "{key} = {v:?}");
+            }
         }
         let _ = writeln!(t);
         if let Some(ledger) = &self.sample_ledger {

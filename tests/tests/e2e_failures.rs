@@ -74,9 +74,12 @@ fn failure_free(job: &JobFile, dir: &Path, workers: usize) -> (BTreeMap<String, 
     (read_latest_checkpoint(job.checkpoint.as_deref().expect("checkpoints")), losses)
 }
 
-/// Every ledger line of every worker in `folder`.
+/// Every ledger line of every worker in `folder` (none before the first worker created it).
 fn ledger_lines(folder: &Path) -> Vec<Value> {
     let mut lines = Vec::new();
+    if !folder.exists() {
+        return lines;
+    }
     for entry in std::fs::read_dir(folder).unwrap_or_else(|e| panic!("reading ledger folder {}: {e}", folder.display())) {
         let path = entry.expect("ledger entry").path();
         let text = std::fs::read_to_string(&path).expect("ledger file");
@@ -89,17 +92,15 @@ fn ledger_lines(folder: &Path) -> Vec<Value> {
 
 /// The highest step any worker applied so far (`None` before the first).
 fn applied_so_far(folder: &Path) -> Option<u64> {
-    if !folder.exists() {
-        return None;
-    }
     ledger_lines(folder).iter().filter(|l| l["event"] == "applied").filter_map(|l| l["step"].as_u64()).max()
 }
 
 /// Audits the sample ledger of a job of `steps` steps: every step was applied in exactly one
 /// generation; in that generation every rank contributed its slice, and the slices make up
 /// the global batch; over each full epoch every sample was consumed exactly once, and no
-/// sample twice in the last, partial one. Returns each step's loss (equal on every rank).
-fn audit_ledger(folder: &Path, steps: u64) -> BTreeMap<u64, f64> {
+/// sample twice in the last, partial one. Returns each step's loss (equal on every rank) and
+/// how many steps a cut-off worker applied in a generation the others left.
+fn audit_ledger_with_reapplied(folder: &Path, steps: u64) -> (BTreeMap<u64, f64>, usize) {
     let lines = ledger_lines(folder);
     let mut applied: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     let mut losses: BTreeMap<u64, f64> = BTreeMap::new();
@@ -111,10 +112,14 @@ fn audit_ledger(folder: &Path, steps: u64) -> BTreeMap<u64, f64> {
         assert_eq!(seen.to_bits(), loss.to_bits(), "ranks report different losses for step {step}");
     }
     let mut consumed: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    let mut reapplied = 0;
     for step in 0..steps {
         let generations = applied.get(&step).unwrap_or_else(|| panic!("step {step} was never applied"));
-        assert_eq!(generations.len(), 1, "step {step} was applied in generations {generations:?}");
-        let generation = *generations.iter().next().unwrap();
+        // A worker cut off after it received a step's last reduction applies it alone; the
+        // others redo the step in the next generation and the cut-off worker later takes their
+        // state. The step's samples were consumed by the latest generation that applied it.
+        reapplied += generations.len() - 1;
+        let generation = *generations.iter().next_back().unwrap();
         let slices: Vec<&Value> = lines
             .iter()
             .filter(|l| l["event"] == "contributed" && l["step"] == step && l["generation"] == generation)
@@ -145,9 +150,18 @@ fn audit_ledger(folder: &Path, steps: u64) -> BTreeMap<u64, f64> {
         }
     }
     println!(
-        "ledger: {steps} steps applied once each, in {} generation(s); every sample once per epoch",
+        "ledger: {steps} steps applied, in {} generation(s), {reapplied} of them by a cut-off worker too; \
+         every sample once per epoch",
         applied.values().flatten().collect::<BTreeSet<_>>().len()
     );
+    (losses, reapplied)
+}
+
+/// [`audit_ledger_with_reapplied`] for runs where no worker is cut off: every step was applied
+/// in exactly one generation.
+fn audit_ledger(folder: &Path, steps: u64) -> BTreeMap<u64, f64> {
+    let (losses, reapplied) = audit_ledger_with_reapplied(folder, steps);
+    assert_eq!(reapplied, 0, "steps applied in more than one generation");
     losses
 }
 
@@ -347,4 +361,168 @@ fn a_worker_joining_mid_run_gets_the_state_by_broadcast() {
     let worst_loss = assert_losses_close(&losses, &reference_losses, 1e-9);
     let worst = assert_models_close(&reference, &read_latest_checkpoint(job.checkpoint.as_deref().unwrap()), 1e-9);
     println!("W=2 -> 3 mid-run: losses within {worst_loss:e}, final parameters within {worst:e} of the W=2 run");
+}
+
+/// A network namespace joined to this one by a veth pair; the link can be cut and restored,
+/// which drops all traffic between them (a partition, not a kill). Removed on drop.
+struct Partitionable {
+    namespace: String,
+    host_link: String,
+    host_ip: String,
+    inner_ip: String,
+}
+
+impl Partitionable {
+    fn create() -> Result<Self, String> {
+        let tag = std::process::id() % 50_000;
+        let subnet = 10 + tag % 200;
+        let p = Self {
+            namespace: format!("braid-part-{tag}"),
+            host_link: format!("bp{tag}h"),
+            host_ip: format!("10.231.{subnet}.1"),
+            inner_ip: format!("10.231.{subnet}.2"),
+        };
+        let inner_link = format!("bp{tag}n");
+        let ns = p.namespace.clone();
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), ns.clone()],
+            vec!["link".into(), "add".into(), p.host_link.clone(), "type".into(), "veth".into(), "peer".into(), "name".into(), inner_link.clone()],
+            vec!["link".into(), "set".into(), inner_link.clone(), "netns".into(), ns.clone()],
+            vec!["addr".into(), "add".into(), format!("{}/24", p.host_ip), "dev".into(), p.host_link.clone()],
+            vec!["link".into(), "set".into(), p.host_link.clone(), "up".into()],
+            vec!["-n".into(), ns.clone(), "addr".into(), "add".into(), format!("{}/24", p.inner_ip), "dev".into(), inner_link.clone()],
+            vec!["-n".into(), ns.clone(), "link".into(), "set".into(), inner_link, "up".into()],
+            vec!["-n".into(), ns, "link".into(), "set".into(), "lo".into(), "up".into()],
+        ];
+        for args in steps {
+            let out = std::process::Command::new("ip").args(&args).output().map_err(|e| format!("ip {args:?}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+            }
+        }
+        Ok(p)
+    }
+
+    fn set_link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let status = std::process::Command::new("ip").args(["link", "set", &self.host_link, state]).status().expect("ip");
+        assert!(status.success(), "ip link set {} {state}", self.host_link);
+    }
+}
+
+impl Drop for Partitionable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_link]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.namespace]).status();
+    }
+}
+
+#[test]
+fn a_partitioned_worker_is_dropped_then_rejoins_cleanly() {
+    let net = match Partitionable::create() {
+        Ok(net) => net,
+        Err(e) => panic!("this test cuts a worker off in a network namespace and needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN (ip netns): {e}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
+    let steps = 260;
+    let reference_dir = dir.path().join("reference");
+    let (reference, reference_losses) = failure_free(&fp64_job("partition", &data, &reference_dir, 3, steps), &reference_dir, 3);
+
+    let (heartbeat, collective, grace) = (3.0, 3.0, 1.0);
+    let run_dir = dir.path().join("partition");
+    let job = JobFile {
+        min_workers: Some(2),
+        heartbeat_timeout_s: Some(heartbeat),
+        collective_timeout_s: Some(collective),
+        rendezvous_grace_s: Some(grace),
+        ..fp64_job("partition", &data, &run_dir, 3, steps)
+    };
+    let path = job.write(&run_dir.join("job.toml"));
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let port = braid_tests::free_port();
+    let spawn = |prefix: &[&str], args: Vec<String>, log: &str| {
+        let file = std::fs::File::create(logs.join(log)).unwrap();
+        let mut command = std::process::Command::new(prefix.first().copied().unwrap_or(braid_bin().to_str().unwrap()));
+        if !prefix.is_empty() {
+            command.args(&prefix[1..]).arg(braid_bin());
+        }
+        KillOnDrop(command.args(args).stdout(file.try_clone().unwrap()).stderr(file).spawn().expect("starting braid"))
+    };
+    let mut coordinator = spawn(
+        &[],
+        vec!["coordinator".into(), "--job".into(), path.display().to_string(), "--listen".into(), format!("0.0.0.0:{port}")],
+        "coordinator.log",
+    );
+    let coordinator_at = format!("{}:{port}", net.host_ip);
+    let worker_args = |advertise: &str| {
+        vec!["worker".into(), "--coordinator".into(), coordinator_at.clone(), "--advertise-host".into(), advertise.to_string()]
+    };
+    let mut workers = vec![
+        spawn(&[], worker_args(&net.host_ip), "worker-0.log"),
+        spawn(&[], worker_args(&net.host_ip), "worker-1.log"),
+        spawn(&["ip", "netns", "exec", &net.namespace], worker_args(&net.inner_ip), "worker-cut-off.log"),
+    ];
+    let ledger = job.sample_ledger.clone().unwrap();
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let applied_at_world = |world: u64| {
+        ledger_lines(&ledger)
+            .into_iter()
+            .filter(|l| l["event"] == "applied" && l["world_size"].as_u64() == Some(world))
+            .collect::<Vec<_>>()
+    };
+    while applied_at_world(3).len() < 3 * 10 {
+        assert!(Instant::now() < deadline, "10 steps at W=3 not reached:\n{}", read_logs(&logs));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cut_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    net.set_link(false);
+    println!("link cut at step {:?}", applied_so_far(&ledger));
+    let continued_ms = loop {
+        let after: Vec<u64> = applied_at_world(2).iter().filter_map(|l| l["unix_ms"].as_u64()).filter(|t| *t > cut_ms).collect();
+        if let Some(first) = after.iter().min() {
+            break *first;
+        }
+        assert!(Instant::now() < deadline, "the others did not continue at W=2:\n{}", read_logs(&logs));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let waited = (continued_ms - cut_ms) as f64 / 1e3;
+    println!("the two connected workers trained again {waited:.2} s after the cut (heartbeat {heartbeat} s + collective {collective} s)");
+    assert!(
+        waited <= heartbeat + collective + grace + 2.0,
+        "the others took {waited:.2} s to continue, more than heartbeat + collective timeouts + rendezvous grace + 2 s"
+    );
+    // Let them train a while alone, then heal the link: the cut-off worker's old generation is
+    // refused and it joins again.
+    let alone_from = applied_at_world(2).len();
+    while applied_at_world(2).len() < alone_from + 2 * 20 {
+        assert!(Instant::now() < deadline, "no progress at W=2:\n{}", read_logs(&logs));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    net.set_link(true);
+    let healed_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    while !applied_at_world(3).iter().any(|l| l["unix_ms"].as_u64().is_some_and(|t| t > healed_ms)) {
+        assert!(Instant::now() < deadline, "the healed worker did not rejoin:\n{}", read_logs(&logs));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("the healed worker trains again at W=3");
+    while coordinator.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the job did not finish:\n{}", read_logs(&logs));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(coordinator.0.wait().unwrap().success(), "coordinator failed:\n{}", read_logs(&logs));
+    for w in &mut workers {
+        let _ = w.0.wait();
+    }
+    let cut_off = std::fs::read_to_string(logs.join("worker-cut-off.log")).unwrap();
+    assert!(cut_off.contains("joined again as"), "the cut-off worker did not join again:\n{cut_off}");
+
+    let (losses, reapplied) = audit_ledger_with_reapplied(&ledger, steps);
+    let worst_loss = assert_losses_close(&losses, &reference_losses, 1e-9);
+    let worst = assert_models_close(&reference, &read_latest_checkpoint(job.checkpoint.as_deref().unwrap()), 1e-9);
+    println!(
+        "W=3 -> 2 -> 3 across a partition ({reapplied} step(s) applied by the cut-off worker alone): losses within \
+         {worst_loss:e}, final parameters within {worst:e} of the failure-free run"
+    );
 }

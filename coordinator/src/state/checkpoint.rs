@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use braid_proto::{CheckpointRequest, CheckpointRequestReply, CheckpointVote, CheckpointVoteReply};
 
-use super::{path_safe, Action, CommitPlan, CommittedCheckpoint, Coordinator, LogLevel, PlannedPart, RequestedCheckpoint, Round, RoundState};
+use super::{
+    path_safe, Action, CommitPlan, CommittedCheckpoint, Coordinator, LogLevel, PlannedPart, RequestedCheckpoint, Round,
+    RoundState,
+};
 use crate::error::{Error, Result};
 
 impl Coordinator {
@@ -45,13 +48,14 @@ impl Coordinator {
                 }
             }
             None => {
-                self.log(LogLevel::Info, format!("checkpoint requested: {reason}{}", if stop_after { " (then stop)" } else { "" }));
+                self.log(
+                    LogLevel::Info,
+                    format!("checkpoint requested: {reason}{}", if stop_after { " (then stop)" } else { "" }),
+                );
                 self.requested = Some(RequestedCheckpoint { reason, stop_after, step: None });
             }
         }
     }
-
-
 
     /// The job is finished once every rank of the live generation trained the last step and,
     /// with a `checkpoint.url`, its checkpoint is committed. (Should the generation end between
@@ -219,7 +223,10 @@ impl Coordinator {
             if r.step.is_some_and(|s| plan.step >= s) {
                 if r.stop_after {
                     self.preempted_after = Some(plan.step);
-                    self.log(LogLevel::Warn, format!("stopping after the checkpoint of step {} ({})", plan.step, r.reason));
+                    self.log(
+                        LogLevel::Warn,
+                        format!("stopping after the checkpoint of step {} ({})", plan.step, r.reason),
+                    );
                 }
                 self.requested = None;
             }

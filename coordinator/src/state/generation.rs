@@ -21,10 +21,15 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use braid_proto::{PublishBootstrapReply, PublishBootstrapRequest, RendezvousReply, RendezvousRequest, RendezvousState};
+use braid_proto::{
+    PublishBootstrapReply, PublishBootstrapRequest, RendezvousReply, RendezvousRequest, RendezvousState,
+};
 use serde::{Deserialize, Serialize};
 
-use super::{secs, Coordinator, Generation, GenerationRecord, LogLevel, PendingBoundary, RoundState, Status, Worker, GENERATION_HISTORY};
+use super::{
+    secs, Coordinator, Generation, GenerationRecord, LogLevel, PendingBoundary, RoundState, Status, Worker,
+    GENERATION_HISTORY,
+};
 use crate::error::{Error, Result};
 
 /// Where a generation's training state comes from, fixed when it forms.
@@ -262,14 +267,21 @@ impl Coordinator {
             if !due {
                 if waiting == 0 && self.boundary.as_ref().is_some_and(|b| b.step.is_none()) {
                     self.boundary = None;
-                    self.log(LogLevel::Info, format!("generation {number} keeps its members: nobody waits to join any more"));
+                    self.log(
+                        LogLevel::Info,
+                        format!("generation {number} keeps its members: nobody waits to join any more"),
+                    );
                 }
                 return;
             }
-            let reason = format!("scale-up: {waiting} more worker(s) waiting, world_size {world} < max_workers = {max}");
+            let reason =
+                format!("scale-up: {waiting} more worker(s) waiting, world_size {world} < max_workers = {max}");
             if reported {
                 if self.boundary.is_none() {
-                    self.log(LogLevel::Info, format!("{reason}: generation {number} ends at the next common step boundary"));
+                    self.log(
+                        LogLevel::Info,
+                        format!("{reason}: generation {number} ends at the next common step boundary"),
+                    );
                     self.boundary = Some(PendingBoundary { generation: number, reason, step: None });
                 }
                 return;
@@ -359,10 +371,9 @@ impl Coordinator {
             format!("generation {number} formed with {} ranks ({reason}): {}", members.len(), roster.join(", ")),
         );
         let from = match &source {
-            StateSource::Memory { rank, holders, .. } => format!(
-                "from rank {rank}'s in-memory state (held by {holders} of {} members)",
-                members.len()
-            ),
+            StateSource::Memory { rank, holders, .. } => {
+                format!("from rank {rank}'s in-memory state (held by {holders} of {} members)", members.len())
+            }
             StateSource::Checkpoint { step, manifest_url } => format!("from checkpoint step {step} ({manifest_url})"),
             StateSource::Fresh => "fresh".to_string(),
         };
@@ -393,7 +404,8 @@ impl Coordinator {
     pub(super) fn catch_up_before_start(&mut self) {
         let cursor = self.cursor();
         let Some(c) = self.latest_checkpoint().cloned() else { return };
-        let Some(g) = self.generation.as_mut().filter(|g| g.started.is_empty() && g.source.start_step() < cursor) else {
+        let Some(g) = self.generation.as_mut().filter(|g| g.started.is_empty() && g.source.start_step() < cursor)
+        else {
             return;
         };
         let before = g.source.describe();

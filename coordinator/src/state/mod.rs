@@ -13,10 +13,10 @@
 //! A generation ends at once when a member dies (silent past `heartbeat_timeout_s`), leaves, or
 //! asks for a new rendezvous after starting. A scale-up (workers waiting to join) ends it at a
 //! step boundary instead: every rank is told `rendezvous_after_step`, completes that step and
-//! rendezvous again holding it (see [`generation`](self) for the rule). Survivors rendezvous with
-//! the step their in-memory state holds (`held_step`), and the next generation starts after the
-//! newest state any member holds, broadcast from that member, unless a committed checkpoint is
-//! newer (see [`Coordinator::start_of`]).
+//! rendezvous again holding it. Survivors rendezvous with the step their in-memory state holds
+//! (`held_step`), and the next generation starts after the newest state any member holds,
+//! broadcast from that member, unless a committed checkpoint is newer. The `generation` module
+//! documents both rules.
 //!
 //! Submodules: `generation` (rendezvous, forming and ending generations, the start step),
 //! `checkpoint` (requests, votes, commits), `stragglers` (slow ranks), `progress` (the
@@ -46,10 +46,12 @@ use crate::plan::SamplePlan;
 pub use generation::StateSource;
 pub use progress::{GenerationRecord, MemberProgress, MemberState, Progress, GENERATION_HISTORY};
 pub use snapshot::{
-    CoordinatorSnapshot, GenerationMember, GenerationSnapshot, RankVote, RoundSnapshot, RoundStatus, WorkerSnapshot, WorkerStatus,
-    SNAPSHOT_VERSION,
+    CoordinatorSnapshot, GenerationMember, GenerationSnapshot, RankVote, RoundSnapshot, RoundStatus, WorkerSnapshot,
+    WorkerStatus, SNAPSHOT_VERSION,
 };
-pub use stragglers::{STRAGGLER_MIN_EXCESS_S, STRAGGLER_MIN_STEPS, STRAGGLER_RATIO, STRAGGLER_RECOVER_RATIO, STRAGGLER_WINDOW};
+pub use stragglers::{
+    STRAGGLER_MIN_EXCESS_S, STRAGGLER_MIN_STEPS, STRAGGLER_RATIO, STRAGGLER_RECOVER_RATIO, STRAGGLER_WINDOW,
+};
 
 /// Global steps ahead (from the start step) whose shards a data plan lists for prefetching.
 pub const PREFETCH_STEPS: u64 = 4;
@@ -378,7 +380,7 @@ impl Coordinator {
 
     /// The committed cursor: the step after the newest committed checkpoint (0 without one).
     /// A new generation starts here unless a member's in-memory state is at least as new
-    /// (see [`Coordinator::start_of`]).
+    /// (the rule is in the `generation` module's documentation).
     pub fn cursor(&self) -> u64 {
         self.latest_checkpoint().map_or(0, |c| c.step + 1)
     }
@@ -669,5 +671,4 @@ impl Coordinator {
         }
         self.maybe_form(now);
     }
-
 }

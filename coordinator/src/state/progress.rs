@@ -180,7 +180,11 @@ impl Coordinator {
             finished: self.finished,
             failure: self.failure.clone(),
             preempted_after: self.preempted_after,
-            waiting_reason: if self.generation.is_none() && !self.is_over() { self.waiting_reason.clone() } else { None },
+            waiting_reason: if self.generation.is_none() && !self.is_over() {
+                self.waiting_reason.clone()
+            } else {
+                None
+            },
             rejoins: self.rejoins,
             generation_history: self.history.clone(),
         }

@@ -394,7 +394,8 @@ fn check(s: &CoordinatorSnapshot) -> Vec<String> {
         }
         for (i, m) in g.members.iter().enumerate() {
             if m.rank as usize != i {
-                problems.push(format!("generation {} lists {} as rank {} at position {i}", g.number, m.worker_id, m.rank));
+                problems
+                    .push(format!("generation {} lists {} as rank {} at position {i}", g.number, m.worker_id, m.rank));
             }
             let member = s.workers.iter().find(|w| w.worker_id == m.worker_id);
             if member.is_none_or(|w| w.status != (WorkerStatus::Member { generation: g.number, rank: m.rank })) {
@@ -417,7 +418,8 @@ fn check(s: &CoordinatorSnapshot) -> Vec<String> {
     }
     if let Some(b) = &s.boundary {
         if s.generation.as_ref().is_none_or(|g| g.number != b.generation) {
-            problems.push(format!("a membership boundary is pending for generation {}, which is not live", b.generation));
+            problems
+                .push(format!("a membership boundary is pending for generation {}, which is not live", b.generation));
         }
     }
     problems

@@ -140,7 +140,7 @@ pub fn run_generation(
     held.pristine = origin == Origin::Fresh;
     tracing::info!(rank, world_size, generation, start_step = start, ?origin, "rendezvous complete");
     if start >= total {
-        return finish_without_steps(ctx, held, generation, rank, &plan_reply.attempt_prefix);
+        return Ok(GenerationEnd::JobOver);
     }
 
     let manifest = Arc::new(store::load_manifest(&plan_reply.manifest_url)?);
@@ -271,19 +271,4 @@ fn take_checkpoint(checkpointer: &Checkpointer, trainer: &ClipTrainer, member: M
         Taken::Started { blocked } => tracing::info!(step, blocked_seconds = blocked.as_secs_f64(), "checkpoint started"),
         Taken::Deferred => tracing::warn!(step, "checkpoint deferred: the previous upload is still in flight"),
     }
-}
-
-/// A generation formed after the last step was trained (a member left before the final
-/// checkpoint committed): there is nothing to train, only the final checkpoint to take again.
-fn finish_without_steps(
-    ctx: &WorkerContext<'_>,
-    held: &Held,
-    generation: u64,
-    rank: usize,
-    prefix: &str,
-) -> Result<GenerationEnd, WorkerError> {
-    if let (Some(checkpointer), Some(last)) = (ctx.checkpointer, held.step) {
-        take_checkpoint(checkpointer, &held.trainer, Membership { generation, rank }, last, prefix, true);
-    }
-    Ok(GenerationEnd::JobOver)
 }

@@ -97,9 +97,11 @@ fn local_host_towards(coordinator: &str) -> String {
 pub fn run(options: WorkerOptions) -> Result<(), WorkerError> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut client = runtime.block_on(CoordinatorClient::connect(&options.coordinator, "", options.connect_timeout))?;
-    let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    let device_name = options.device.clone().unwrap_or_default();
-    let joined = runtime.block_on(client.join(&hostname, &device_name, std::process::id()))?;
+    let identity = Identity {
+        hostname: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+        device: options.device.clone().unwrap_or_default(),
+    };
+    let joined = runtime.block_on(client.join(&identity.hostname, &identity.device, std::process::id()))?;
     let config = JobConfig::parse(&joined.job_toml, "the coordinator's job config").map_err(WorkerError::Config)?;
     config.validate("the coordinator's job config").map_err(WorkerError::Config)?;
     let device_spec = options.device.clone().unwrap_or_else(|| config.cluster.device.clone());
@@ -112,7 +114,7 @@ pub fn run(options: WorkerOptions) -> Result<(), WorkerError> {
     let heartbeat = spawn_heartbeat(&runtime, client.clone(), step_now.clone(), Duration::from_millis(joined.heartbeat_interval_ms.max(100)));
     let grace = Duration::from_secs_f64(config.checkpoint.grace_period_s);
     let signals = runtime.spawn(stop_on_signal(client.clone(), grace));
-    let result = train(&runtime, &mut client, &config, device, &options, &step_now);
+    let result = train(&runtime, &mut client, &identity, &config, device, &options, &step_now);
     heartbeat.abort();
     signals.abort();
     let reason = match &result {
@@ -170,6 +172,7 @@ fn spawn_heartbeat(
 fn train(
     runtime: &tokio::runtime::Runtime,
     client: &mut CoordinatorClient,
+    identity: &Identity,
     config: &JobConfig,
     device: Device,
     options: &WorkerOptions,
@@ -194,7 +197,7 @@ fn train(
         // A fresh ring endpoint per generation: the previous one's connections may linger.
         let (listener, bound) = RingListener::bind("0.0.0.0:0")?;
         let endpoint = format!("{host}:{}", port_of(&bound));
-        let Some(rendezvous) = rendezvous(runtime, client, &endpoint, held.step)? else {
+        let Some(rendezvous) = rendezvous(runtime, client, identity, &endpoint, held.step)? else {
             break;
         };
         let ctx = WorkerContext {
@@ -238,6 +241,7 @@ fn train(
 fn rendezvous(
     runtime: &tokio::runtime::Runtime,
     client: &CoordinatorClient,
+    identity: &Identity,
     endpoint: &str,
     held_step: Option<u64>,
 ) -> Result<Option<RendezvousReply>, WorkerError> {
@@ -256,10 +260,22 @@ fn rendezvous(
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
+            Err(e) if e.is_unknown_worker() => {
+                // Declared dead while cut off: join again under a new id; the state is kept.
+                let old = client.worker_id().unwrap_or_default();
+                let joined = runtime.block_on(client.join(&identity.hostname, &identity.device, std::process::id()))?;
+                tracing::warn!(held_step = ?held_step, "the coordinator no longer knows worker {old} ({e}); joined again as {}", joined.worker_id);
+            }
             Err(e) => return Err(e.into()),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// How this worker introduces itself when it joins.
+struct Identity {
+    hostname: String,
+    device: String,
 }
 
 /// How long a worker between generations waits for an unreachable coordinator.
