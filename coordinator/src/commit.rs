@@ -118,6 +118,13 @@ pub async fn write_manifest(root: &StoreRoot, plan: &CommitPlan, now: SystemTime
         crate::failpoint::crash("manifest-write", plan.step);
     }
     if !root.put_create(&rel, json).await? {
+        // A coordinator that died after writing this very manifest (and was restored from its
+        // journal) commits the same attempt again: it is already done.
+        if let Some(existing) = root.get(&rel).await? {
+            if parse_manifest(&existing, &root.url_of(&rel)).is_ok_and(|m| m.attempt == plan.attempt) {
+                return Ok(root.url_of(&rel));
+            }
+        }
         return Err(Error::Checkpoint(format!(
             "{} already exists: step {} was committed before",
             root.url_of(&rel),

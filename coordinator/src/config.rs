@@ -176,6 +176,10 @@ pub struct ClusterSection {
     /// summed in bf16 by the collective, then widened back to the fp32 gradients). Default `fp32`.
     #[serde(default = "default_reduce_precision")]
     pub reduce_precision: String,
+    /// Seconds a coordinator's lease on the job (its journal under the checkpoint root) lasts
+    /// without renewal; a second coordinator is refused while it is live. Default 10.
+    #[serde(default = "default_coordinator_lease")]
+    pub coordinator_lease_s: f64,
     /// `braid run` restarts local worker processes that die, up to this many times in all
     /// (a restarted worker rejoins at the next generation). Default 3.
     #[serde(default = "default_max_restarts")]
@@ -297,6 +301,9 @@ fn default_rendezvous_grace() -> f64 {
 fn default_collective_timeout() -> f64 {
     60.0
 }
+fn default_coordinator_lease() -> f64 {
+    10.0
+}
 fn default_max_restarts() -> u32 {
     3
 }
@@ -362,6 +369,7 @@ impl Default for ClusterSection {
             collective_timeout_s: default_collective_timeout(),
             bucket_mb: default_bucket_mb(),
             reduce_precision: default_reduce_precision(),
+            coordinator_lease_s: default_coordinator_lease(),
             max_restarts: default_max_restarts(),
             device: default_device(),
         }
@@ -517,6 +525,7 @@ impl JobConfig {
         for (k, v) in [
             ("cluster.heartbeat_timeout_s", c.heartbeat_timeout_s),
             ("cluster.collective_timeout_s", c.collective_timeout_s),
+            ("cluster.coordinator_lease_s", c.coordinator_lease_s),
         ] {
             if !(v > 0.0 && v.is_finite()) {
                 p.push(format!("{k} = {v}: must be a positive number of seconds"));

@@ -88,6 +88,9 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("coordinator server: {0}")]
     Serve(String),
+    /// The coordinator's journal or lease (see [`crate::journal`]).
+    #[error(transparent)]
+    Journal(Box<crate::journal::JournalError>),
     /// An RPC the coordinator answered with an error status.
     #[error("coordinator refused {rpc} ({code:?}): {message}")]
     Rpc {
@@ -116,6 +119,7 @@ impl From<Error> for tonic::Status {
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
             Error::Serve(_) => tonic::Status::internal(msg),
             Error::Rpc { code, message, .. } => tonic::Status::new(code, message),
+            Error::Journal(_) => tonic::Status::failed_precondition(msg),
         }
     }
 }
@@ -153,5 +157,11 @@ impl Error {
             Error::Rpc { code, .. } => matches!(code, tonic::Code::NotFound),
             _ => false,
         }
+    }
+}
+
+impl From<crate::journal::JournalError> for Error {
+    fn from(e: crate::journal::JournalError) -> Self {
+        Error::Journal(Box::new(e))
     }
 }

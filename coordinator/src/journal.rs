@@ -393,6 +393,14 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         Ok(())
     }
 
+    /// Writes `snapshot` as a final entry whose lease has already expired, so the job's next
+    /// coordinator can start at once (after the job ended, or on a clean shutdown). Later
+    /// appends renew with a zero ttl too.
+    pub async fn release(&mut self, snapshot: &T, now_unix_ms: u64) -> Result<(), JournalError> {
+        self.lease_ttl_ms = 0;
+        self.append(snapshot, now_unix_ms).await
+    }
+
     /// Whether a third of the lease's ttl has passed since this coordinator's last write, so it
     /// should append (an unchanged snapshot will do) to keep the lease.
     pub fn renew_due(&self, now_unix_ms: u64) -> bool {

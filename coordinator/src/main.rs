@@ -25,6 +25,10 @@ struct Args {
     /// Address the gRPC server listens on.
     #[arg(long, env = "BRAID_LISTEN", default_value = "0.0.0.0:7070")]
     listen: String,
+    /// When another coordinator's lease on the job is live, wait for it to expire (a restart
+    /// after a crash) instead of refusing to start.
+    #[arg(long, env = "BRAID_WAIT_FOR_LEASE")]
+    wait_for_lease: bool,
 }
 
 async fn terminated() {
@@ -60,7 +64,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let shutdown = CancellationToken::new();
-    let handle = braid_coordinator::start(config, listener, shutdown.clone()).await?;
+    let takeover = braid_coordinator::server::Takeover::Resume { wait_for_lease: args.wait_for_lease };
+    let handle = braid_coordinator::server::start_with(config, takeover, listener, shutdown.clone()).await?;
     let done = async {
         handle.ended().await;
         if !handle.drained(linger).await {

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use braid_proto::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
@@ -13,17 +13,63 @@ use tokio_util::sync::CancellationToken;
 use crate::commit;
 use crate::config::JobConfig;
 use crate::error::{Error, Result};
+use crate::journal::{unix_ms, Holder, Journal, JournalError};
 use crate::manifest::DatasetManifest;
 use crate::service::CoordinatorService;
-use crate::state::{Coordinator, Progress};
-use crate::store;
+use crate::state::{Coordinator, CoordinatorSnapshot, Progress};
+use crate::store::{self, StoreRoot};
 
 /// How often the state machine is ticked (dead workers, rendezvous grace).
 pub const TICK_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Builds the service for `config`: opens the checkpoint root, resumes from `latest` when
-/// `checkpoint.resume` is set, and loads the training dataset's manifest.
-pub async fn prepare(config: JobConfig) -> Result<CoordinatorService> {
+/// How a starting coordinator treats the job's journal (under the checkpoint root).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// A standalone coordinator: resume the job from the journal when it holds an unfinished
+    /// one (its workers may still be training); with `wait_for_lease`, wait for a previous
+    /// coordinator's lease to expire instead of refusing to start.
+    Resume {
+        /// Wait for a live lease to expire.
+        wait_for_lease: bool,
+    },
+    /// `braid run`, whose workers are its own children: none of a previous run's workers can
+    /// be alive, so the job starts from its checkpoints as a new launch (the lease is still
+    /// taken, so two launches cannot share a checkpoint root).
+    Launch,
+}
+
+/// The job's journal, as the server keeps it.
+type CoordinatorJournal = Journal<CoordinatorSnapshot>;
+
+/// Opens the journal of `config`'s job under `root`, taking its lease; waits for a live lease
+/// to expire when asked. Returns the journal and the newest snapshot.
+async fn open_journal(
+    root: &StoreRoot,
+    config: &JobConfig,
+    wait_for_lease: bool,
+) -> Result<(CoordinatorJournal, Option<CoordinatorSnapshot>)> {
+    let ttl = Duration::from_secs_f64(config.cluster.coordinator_lease_s);
+    let holder = Holder::this_process();
+    loop {
+        let now = unix_ms(SystemTime::now());
+        match Journal::open(root.clone(), &config.job.name, holder.clone(), ttl, now).await {
+            Err(JournalError::LeaseHeld { expires_in_ms, holder: other, .. }) if wait_for_lease => {
+                tracing::warn!(
+                    "coordinator {other} holds job {:?}'s lease; waiting {:.1} s for it to expire",
+                    config.job.name,
+                    expires_in_ms as f64 / 1e3
+                );
+                tokio::time::sleep(Duration::from_millis(expires_in_ms + 100)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Builds the service for `config`: opens the checkpoint root and the job's journal (taking the
+/// lease), resumes the job from the journal or from `latest` as `takeover` and
+/// `checkpoint.resume` say, and loads the training dataset's manifest.
+pub async fn prepare(config: JobConfig, takeover: Takeover) -> Result<(CoordinatorService, Option<CoordinatorJournal>)> {
     let manifest_bytes = store::read_url(&config.data.train).await.map_err(|e| Error::Manifest {
         origin: config.data.train.clone(),
         reason: match e {
@@ -31,8 +77,27 @@ pub async fn prepare(config: JobConfig) -> Result<CoordinatorService> {
             other => other.to_string(),
         },
     })?;
-    let dataset = DatasetManifest::from_json(&manifest_bytes, &config.data.train)?;
+    let dataset = Arc::new(DatasetManifest::from_json(&manifest_bytes, &config.data.train)?);
     let root = config.checkpoint.url.as_deref().map(store::open).transpose()?;
+    let (journal, journaled) = match &root {
+        Some(root) => {
+            let wait = matches!(takeover, Takeover::Resume { wait_for_lease: true });
+            let (journal, snapshot) = open_journal(root, &config, wait).await?;
+            (Some(journal), snapshot)
+        }
+        None => (None, None),
+    };
+    let unfinished = journaled.filter(|s| !(s.finished || s.failure.is_some() || s.preempted_after.is_some()));
+    if let (Some(snapshot), Takeover::Resume { .. }) = (unfinished, takeover) {
+        let generation = snapshot.generation.as_ref().map(|g| g.number);
+        let state = Coordinator::restore(config, snapshot, Instant::now())?.with_dataset(dataset);
+        tracing::warn!(
+            "resuming job {:?} from the coordinator journal (live generation {generation:?}); workers that are still \
+             running carry on",
+            state.config().job.name
+        );
+        return Ok((CoordinatorService::new(state, root), journal));
+    }
     let resume = match (&root, config.checkpoint.resume) {
         (Some(root), true) => commit::find_resumable(root).await?,
         (Some(root), false) => {
@@ -52,7 +117,7 @@ pub async fn prepare(config: JobConfig) -> Result<CoordinatorService> {
     };
     let nonce = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let job = config.job.name.clone();
-    let mut state = Coordinator::new(config, Instant::now(), nonce).with_dataset(Arc::new(dataset));
+    let mut state = Coordinator::new(config, Instant::now(), nonce).with_dataset(dataset);
     if let Some((manifest, checkpoint)) = resume {
         if manifest.job != job {
             tracing::warn!(
@@ -63,7 +128,44 @@ pub async fn prepare(config: JobConfig) -> Result<CoordinatorService> {
         }
         state = state.with_resume(checkpoint);
     }
-    Ok(CoordinatorService::new(state, root))
+    Ok((CoordinatorService::new(state, root), journal))
+}
+
+/// How often the journal task looks for a changed state to write.
+const JOURNAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Writes the state to the journal when it changed (at most every [`JOURNAL_INTERVAL`]) and
+/// whenever the lease is due for renewal; releases the lease when `stop` is cancelled. Losing
+/// the lease to another coordinator stops this one.
+async fn keep_journal(service: CoordinatorService, mut journal: CoordinatorJournal, stop: CancellationToken) -> Result<()> {
+    let mut written: Option<Vec<u8>> = None;
+    let mut interval = tokio::time::interval(JOURNAL_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = interval.tick() => {}
+        }
+        let snapshot = service.snapshot();
+        let bytes = serde_json::to_vec(&snapshot).map_err(|e| Error::Serve(format!("encoding the journal snapshot: {e}")))?;
+        let now = unix_ms(SystemTime::now());
+        if written.as_ref() == Some(&bytes) && !journal.renew_due(now) {
+            continue;
+        }
+        match journal.append(&snapshot, now).await {
+            Ok(()) => written = Some(bytes),
+            Err(e @ JournalError::LeaseLost { .. }) => {
+                tracing::error!("{e}");
+                stop.cancel();
+                return Err(e.into());
+            }
+            Err(e) => tracing::warn!("coordinator journal: {e}; trying again"),
+        }
+    }
+    if let Err(e) = journal.release(&service.snapshot(), unix_ms(SystemTime::now())).await {
+        tracing::warn!("releasing the coordinator lease: {e}");
+    }
+    Ok(())
 }
 
 /// A running coordinator: its address, its progress and a way to stop it.
@@ -73,6 +175,7 @@ pub struct CoordinatorHandle {
     local_addr: SocketAddr,
     shutdown: CancellationToken,
     server: JoinHandle<Result<()>>,
+    journal: Option<JoinHandle<Result<()>>>,
 }
 
 impl CoordinatorHandle {
@@ -119,19 +222,36 @@ impl CoordinatorHandle {
     /// Waits for the server to stop (after [`CoordinatorHandle::shutdown`] or the token passed
     /// to [`start`] is cancelled).
     pub async fn join(self) -> Result<()> {
-        self.server.await.map_err(|e| Error::Serve(format!("server task: {e}")))?
+        let served = self.server.await.map_err(|e| Error::Serve(format!("server task: {e}")))?;
+        if let Some(journal) = self.journal {
+            journal.await.map_err(|e| Error::Serve(format!("journal task: {e}")))??;
+        }
+        served
     }
 }
 
-/// Starts a coordinator for `config` on `listener`; it runs until `shutdown` is cancelled.
+/// Starts a coordinator for `config` on `listener` (resuming from the job's journal when it
+/// holds an unfinished job); it runs until `shutdown` is cancelled.
 pub async fn start(config: JobConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<CoordinatorHandle> {
-    let service = prepare(config).await?;
-    start_service(service, listener, shutdown)
+    start_with(config, Takeover::Resume { wait_for_lease: false }, listener, shutdown).await
 }
 
-/// Starts an already prepared service on `listener`; it runs until `shutdown` is cancelled.
+/// [`start`] with the journal treated as `takeover` says.
+pub async fn start_with(
+    config: JobConfig,
+    takeover: Takeover,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<CoordinatorHandle> {
+    let (service, journal) = prepare(config, takeover).await?;
+    start_service(service, journal, listener, shutdown)
+}
+
+/// Starts an already prepared service on `listener`, keeping `journal` when there is one; it
+/// runs until `shutdown` is cancelled.
 pub fn start_service(
     service: CoordinatorService,
+    journal: Option<CoordinatorJournal>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<CoordinatorHandle> {
@@ -159,7 +279,10 @@ pub fn start_service(
             .map_err(|e| Error::Serve(format!("{local_addr}: {e}")))
     });
     tracing::info!("coordinator listening on {local_addr}");
-    Ok(CoordinatorHandle { service, local_addr, shutdown, server })
+    let pending = service.clone();
+    tokio::spawn(async move { pending.run_pending().await });
+    let journal = journal.map(|j| tokio::spawn(keep_journal(service.clone(), j, shutdown.clone())));
+    Ok(CoordinatorHandle { service, local_addr, shutdown, server, journal })
 }
 
 /// Runs a coordinator for `config` on `listener` until `shutdown` is cancelled.

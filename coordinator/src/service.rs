@@ -15,11 +15,13 @@ use tonic::{Request, Response, Status};
 
 use crate::commit;
 use crate::error::{Error, Result};
-use crate::state::{Action, CommitPlan, Coordinator, LogLevel, Progress};
+use crate::state::{Action, CommitPlan, Coordinator, CoordinatorSnapshot, LogLevel, Progress};
 use crate::store::StoreRoot;
 
 struct Shared {
     state: Mutex<Coordinator>,
+    /// Actions a restored state machine queued before the server started (commits to finish).
+    pending: Mutex<Vec<Action>>,
     checkpoints: Option<StoreRoot>,
     keep: usize,
     keep_every: u64,
@@ -55,7 +57,9 @@ fn log(actions: &[Action]) {
 impl CoordinatorService {
     /// A service over `state`; `checkpoints` is the opened checkpoint root when the job has one.
     pub fn new(mut state: Coordinator, checkpoints: Option<StoreRoot>) -> Self {
-        log(&state.take_actions());
+        let actions = state.take_actions();
+        log(&actions);
+        let pending = actions.into_iter().filter(|a| !matches!(a, Action::Log { .. })).collect();
         let keep = state.config().checkpoint.keep;
         let keep_every = state.config().checkpoint.keep_every_steps;
         let ended = CancellationToken::new();
@@ -65,6 +69,7 @@ impl CoordinatorService {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
+                pending: Mutex::new(pending),
                 checkpoints,
                 keep,
                 keep_every,
@@ -106,6 +111,24 @@ impl CoordinatorService {
     /// A snapshot of the job.
     pub fn progress(&self) -> Progress {
         self.lock().progress()
+    }
+
+    /// The state machine's state, for the journal.
+    pub fn snapshot(&self) -> CoordinatorSnapshot {
+        self.lock().snapshot()
+    }
+
+    /// Performs the actions a restored state machine queued (a checkpoint whose votes were
+    /// all in when the previous coordinator stopped is committed now).
+    pub async fn run_pending(&self) {
+        let pending = std::mem::take(&mut *self.shared.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for action in pending {
+            if let Action::Commit(plan) = action {
+                if let Err(e) = self.commit(&plan).await {
+                    tracing::error!("checkpoint step {} could not be committed after the restart: {e}", plan.step);
+                }
+            }
+        }
     }
 
     /// Periodic work (dead workers, generations whose grace passed) at `now`.

@@ -124,6 +124,8 @@ pub struct JobFile {
     pub heartbeat_timeout_s: Option<f64>,
     /// `cluster.collective_timeout_s`, when set.
     pub collective_timeout_s: Option<f64>,
+    /// `cluster.coordinator_lease_s`, when set.
+    pub coordinator_lease_s: Option<f64>,
     /// `telemetry.sample_ledger`, when set.
     pub sample_ledger: Option<PathBuf>,
     /// `checkpoint.url`.
@@ -159,6 +161,7 @@ impl JobFile {
             rendezvous_grace_s: None,
             heartbeat_timeout_s: None,
             collective_timeout_s: None,
+            coordinator_lease_s: None,
             sample_ledger: None,
             checkpoint: None,
             every_steps: 0,
@@ -194,6 +197,7 @@ impl JobFile {
             ("rendezvous_grace_s", self.rendezvous_grace_s),
             ("heartbeat_timeout_s", self.heartbeat_timeout_s),
             ("collective_timeout_s", self.collective_timeout_s),
+            ("coordinator_lease_s", self.coordinator_lease_s),
         ] {
             if let Some(v) = value {
                 let _ = writeln!(t, "{key} = {v:?}");

@@ -526,3 +526,83 @@ fn a_partitioned_worker_is_dropped_then_rejoins_cleanly() {
          {worst_loss:e}, final parameters within {worst:e} of the failure-free run"
     );
 }
+
+#[test]
+fn a_restarted_coordinator_resumes_the_job_from_its_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
+    let steps = 150;
+    let reference_dir = dir.path().join("reference");
+    let (reference, reference_losses) = failure_free(&fp64_job("journal", &data, &reference_dir, 3, steps), &reference_dir, 3);
+
+    let run_dir = dir.path().join("journal");
+    let lease = 2.0;
+    let job = JobFile { coordinator_lease_s: Some(lease), ..fp64_job("journal", &data, &run_dir, 3, steps) };
+    let path = job.write(&run_dir.join("job.toml"));
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let port = braid_tests::free_port();
+    let address = format!("127.0.0.1:{port}");
+    let spawn = |args: Vec<String>, log: &str| {
+        let file = std::fs::File::create(logs.join(log)).unwrap();
+        KillOnDrop(
+            std::process::Command::new(braid_bin())
+                .args(args)
+                .stdout(file.try_clone().unwrap())
+                .stderr(file)
+                .spawn()
+                .expect("starting braid"),
+        )
+    };
+    let coordinator = |listen: &str, wait: bool, log: &str| {
+        let mut args = vec!["coordinator".into(), "--job".into(), path.display().to_string(), "--listen".into(), listen.to_string()];
+        if wait {
+            args.push("--wait-for-lease".into());
+        }
+        spawn(args, log)
+    };
+    let mut first = coordinator(&address, false, "coordinator-1.log");
+    let mut workers: Vec<KillOnDrop> = (0..3)
+        .map(|i| {
+            let args = vec!["worker".into(), "--coordinator".into(), address.clone(), "--advertise-host".into(), "127.0.0.1".into()];
+            spawn(args, &format!("worker-{i}.log"))
+        })
+        .collect();
+    let ledger = job.sample_ledger.clone().unwrap();
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    wait_for_step(&ledger, 20, deadline);
+
+    // A second coordinator on the same job is refused while the first one holds the lease.
+    let other = format!("127.0.0.1:{}", braid_tests::free_port());
+    let mut second = coordinator(&other, false, "coordinator-second.log");
+    let status = second.0.wait().unwrap();
+    let refusal = std::fs::read_to_string(logs.join("coordinator-second.log")).unwrap();
+    println!("second coordinator: {status}: {}", refusal.lines().last().unwrap_or_default());
+    assert!(!status.success() && refusal.contains("holds job") && refusal.contains("lease"), "{status}: {refusal}");
+
+    wait_for_step(&ledger, 40, deadline);
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+    let killed_at = applied_so_far(&ledger).unwrap();
+    println!("coordinator killed (kill -9) after step {killed_at}");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut restarted = coordinator(&address, true, "coordinator-2.log");
+    while restarted.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the job did not finish after the restart:\n{}", read_logs(&logs));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(restarted.0.wait().unwrap().success(), "restarted coordinator failed:\n{}", read_logs(&logs));
+    for (i, w) in workers.iter_mut().enumerate() {
+        let status = w.0.wait().unwrap();
+        assert!(status.success(), "worker {i} exited with {status}:\n{}", read_logs(&logs));
+    }
+    let restarted_log = std::fs::read_to_string(logs.join("coordinator-2.log")).unwrap();
+    assert!(restarted_log.contains("from the coordinator journal"), "the new coordinator did not resume:\n{restarted_log}");
+    let worker_logs: String = (0..3).map(|i| std::fs::read_to_string(logs.join(format!("worker-{i}.log"))).unwrap()).collect();
+    assert!(!worker_logs.contains("joined again"), "a worker had to join again:\n{worker_logs}");
+
+    let losses = audit_ledger(&ledger, steps);
+    let worst_loss = assert_losses_close(&losses, &reference_losses, 1e-12);
+    let worst = assert_models_close(&reference, &read_latest_checkpoint(job.checkpoint.as_deref().unwrap()), 1e-12);
+    println!("coordinator restart: no worker restarted; losses within {worst_loss:e}, parameters within {worst:e}");
+}

@@ -15,6 +15,9 @@ use tch::Tensor;
 use super::upload::{Latch, Uploader};
 use super::{CheckpointStore, PartInfo};
 
+/// How long a vote is retried while the coordinator is unreachable.
+const VOTE_RETRY_LIMIT: Duration = Duration::from_secs(300);
+
 /// Takes part in checkpoints for one worker, across generations (an upload started in one
 /// generation finishes in the background while the next one forms).
 pub struct Checkpointer {
@@ -70,7 +73,15 @@ fn vote(
         error: error.clone(),
         parts: parts.iter().map(|p| CheckpointPart { path: p.path.clone(), sha256: p.sha256.clone(), size: p.size }).collect(),
     };
-    match runtime.block_on(client.commit_checkpoint(request)) {
+    // A coordinator outage (a restart from its journal) delays the vote, it does not lose it.
+    let started = Instant::now();
+    let outcome = loop {
+        match runtime.block_on(client.commit_checkpoint(request.clone())) {
+            Err(e) if e.is_outage() && started.elapsed() < VOTE_RETRY_LIMIT => std::thread::sleep(Duration::from_millis(500)),
+            other => break other,
+        }
+    };
+    match outcome {
         Ok(reply) if reply.committed => tracing::info!(step, manifest = %reply.manifest_url, "checkpoint committed"),
         Ok(_) if !ok => tracing::warn!(step, "checkpoint attempt {attempt} voted down: {error}"),
         Ok(_) => {}

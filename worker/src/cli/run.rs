@@ -63,6 +63,10 @@ pub struct CoordinatorArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:7070")]
     listen: String,
+    /// When another coordinator's lease on the job is live, wait for it to expire (a restart
+    /// after a crash) instead of refusing to start.
+    #[arg(long)]
+    wait_for_lease: bool,
 }
 
 /// Runs `braid worker`.
@@ -88,7 +92,8 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
         let shutdown = CancellationToken::new();
-        let handle = braid_coordinator::server::start(config, listener, shutdown.clone()).await?;
+        let takeover = braid_coordinator::server::Takeover::Resume { wait_for_lease: args.wait_for_lease };
+        let handle = braid_coordinator::server::start_with(config, takeover, listener, shutdown.clone()).await?;
         tokio::select! {
             _ = handle.ended() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -147,7 +152,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let handle = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        anyhow::Ok(braid_coordinator::server::start(config.clone(), listener, shutdown.clone()).await?)
+        let launch = braid_coordinator::server::Takeover::Launch;
+        anyhow::Ok(braid_coordinator::server::start_with(config.clone(), launch, listener, shutdown.clone()).await?)
     })?;
     let address = handle.local_addr().to_string();
     if !args.json {
