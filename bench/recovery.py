@@ -119,6 +119,23 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def kill_strays(work: str) -> None:
+    """SIGKILL what this run started and is still alive outside its process groups (torchrun puts
+    each worker in a session of its own): processes whose command line names the working folder."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if work in cmdline:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def wait_until(pred, timeout_s: float, what: str):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -297,7 +314,11 @@ def run_torchrun(args, work: str, vocab: int) -> tuple[list[Kill], dict]:
            "--ckpt-dir", os.path.join(d, "ckpt"), "--step-log", step_log, "--steps", str(args.steps),
            "--batch", "16", "--every", "50", "--vocab", str(vocab), "--threads", "1"]
     print(f"torchrun: {shlex.join(cmd)}", file=sys.stderr)
-    proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    # torchrun's default (since 2.5) shares the agent's TCPStore with the workers, and a restarted
+    # group then reads the previous attempt's gloo addresses from it ("connectFullMesh failed ...
+    # Connection refused"; pytorch/pytorch#135712). This is the opt-out that issue names.
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     log = JsonLines(lambda: [step_log])
     events: list[dict] = []
 
@@ -373,6 +394,13 @@ def report(args, braid: list[Kill], torch_kills: list[Kill], started: str, load:
             cpu = line.split(":", 1)[1].strip()
             break
     mb, mt = median_recovery(braid), median_recovery(torch_kills)
+    built = datetime.datetime.fromtimestamp(args.braid_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    git = ["git", "-C", REPO]
+    commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    commit = (commit or "unknown") + (" with uncommitted changes" if dirty.stdout.strip() else "")
+    torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                                   capture_output=True, text=True).stdout.strip() or "unknown"
     lines = [
         "# Recovery after kill -9 of one worker: braid vs torchrun",
         "",
@@ -380,6 +408,9 @@ def report(args, braid: list[Kill], torch_kills: list[Kill], started: str, load:
         f"- Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}; "
         f"load average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}",
         f"- Command: `{args.command}`",
+        f"- braid: {args.braid} built {built}, source at commit {commit}; torch {torch_version}, "
+        "torchrun with `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (without it a restarted gloo group reads the "
+        "previous attempt's addresses from the shared store and fails to connect, pytorch/pytorch#135712).",
         "- Job: 4 CPU workers, CLIP tiny, global batch 64 (16 per worker), 1 intra-op thread each, "
         f"{args.steps} steps, checkpoint every 50 steps, default timeouts on both sides; "
         f"kill -9 of the rank-{args.kill_rank} worker once step {', '.join(map(str, args.kill_steps))} "
@@ -399,11 +430,15 @@ def report(args, braid: list[Kill], torch_kills: list[Kill], started: str, load:
             f"| {', '.join(str(k.redone) for k in kills)} "
             f"| {', '.join(fmt_s(None if k.caught_up_ms is None else (k.caught_up_ms - k.kill_ms) / 1000) for k in kills)} |")
     ratio = mb / mt if mb is not None and mt else None
+
+    def verdict(ok: bool | None) -> str:
+        return "not measured" if ok is None else "met" if ok else "NOT met"
+
     lines += [
         "",
         f"Ratio braid / torchrun (median recovery): **{'-' if ratio is None else f'{ratio:.3f}'}**. "
-        f"Target: braid under 10 s ({'met' if mb is not None and mb < 10 else 'NOT met'}) and under a third "
-        f"of torchrun's ({'met' if ratio is not None and ratio < 1 / 3 else 'NOT met'}).",
+        f"Target: braid under 10 s ({verdict(None if mb is None else mb < 10)}) and under a third "
+        f"of torchrun's ({verdict(None if ratio is None else ratio < 1 / 3)}).",
         "",
         "## Where the time went (seconds after the kill)",
         "",
@@ -443,6 +478,7 @@ def main() -> None:
         # `braid run` spawns as the replacement worker (it execs its own path).
         os.makedirs(os.path.join(work, "bin"))
         braid = os.path.join(work, "bin", "braid")
+        args.braid_mtime = os.path.getmtime(args.braid)
         shutil.copy2(args.braid, braid)
         data = os.path.join(work, "data")
         vocab = make_data(braid, data)
@@ -461,6 +497,7 @@ def main() -> None:
             with open(args.out, "w") as f:
                 f.write(text)
     finally:
+        kill_strays(work)
         if args.keep or args.work:
             print(f"working folder kept: {work}", file=sys.stderr)
         else:

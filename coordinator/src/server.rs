@@ -269,11 +269,12 @@ pub fn start_service(
         }
     });
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let grpc = CoordinatorServer::new(service.clone());
+    let routes = http_routes(service.clone());
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(grpc)
+            .accept_http1(true)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
             .map_err(|e| Error::Serve(format!("{local_addr}: {e}")))
@@ -283,6 +284,17 @@ pub fn start_service(
     tokio::spawn(async move { pending.run_pending().await });
     let journal = journal.map(|j| tokio::spawn(keep_journal(service.clone(), j, shutdown.clone())));
     Ok(CoordinatorHandle { service, local_addr, shutdown, server, journal })
+}
+
+/// The gRPC service and, on the same port over HTTP/1.1 or HTTP/2, `GET /status`: the job's
+/// [`Progress`] as JSON (generation, members with their ranks, steps and straggler flags,
+/// rejoins, generation history, checkpoints, why the job waits).
+fn http_routes(service: CoordinatorService) -> tonic::service::Routes {
+    let grpc = CoordinatorServer::new(service.clone());
+    let router = tonic::service::Routes::new(grpc)
+        .into_axum_router()
+        .route("/status", axum::routing::get(move || async move { axum::Json(service.progress()) }));
+    tonic::service::Routes::from(router)
 }
 
 /// Runs a coordinator for `config` on `listener` until `shutdown` is cancelled.

@@ -239,18 +239,17 @@ async fn a_real_server_runs_a_job_with_two_clients() {
     assert!(ckpt.join("step-000002/manifest.json").is_file());
     assert_eq!(std::fs::read_to_string(ckpt.join("latest")).unwrap(), "step-000002/manifest.json");
 
-    // A second coordinator on the same checkpoint root resumes after step 2.
-    let other = braid_coordinator::start(
+    // A second coordinator on the same checkpoint root is refused while this one holds the
+    // job's lease, naming the holder.
+    let refused = braid_coordinator::start(
         config.clone(),
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         CancellationToken::new(),
     )
     .await
-    .unwrap();
-    let resumed = other.progress();
-    assert_eq!((resumed.steps_done, resumed.checkpoints[0].step), (3, 2));
-    other.shutdown();
-    other.join().await.unwrap();
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("holds job \"svc-job\"'s lease") && refused.contains(&std::process::id().to_string()), "{refused}");
 
     assert!(!a.report_corrupt("shard-000001.tar", "s1-2", "truncated jpeg").await.unwrap().over_limit);
     for step in 3..6 {
@@ -281,6 +280,21 @@ async fn a_real_server_runs_a_job_with_two_clients() {
 
     shutdown.cancel();
     handle.join().await.unwrap();
+
+    // Stopping released the lease: a new launch on the same root starts at once and resumes
+    // from the newest committed checkpoint.
+    let next = braid_coordinator::server::start_with(
+        config.clone(),
+        braid_coordinator::server::Takeover::Launch,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let resumed = next.progress();
+    assert_eq!(resumed.checkpoints.last().map(|c| c.step), Some(5), "{resumed:?}");
+    next.shutdown();
+    next.join().await.unwrap();
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod data;
 mod eval;
 mod export;
 mod run;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ enum Command {
     Worker(run::WorkerArgs),
     /// Start a coordinator for a job (the same as the `braid-coordinator` binary).
     Coordinator(run::CoordinatorArgs),
+    /// Show a running job: generation, members, stragglers, why it waits, checkpoints.
+    Status(status::StatusArgs),
     /// Make or index WebDataset shards.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -67,6 +70,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args),
         Command::Worker(args) => run::worker(args),
         Command::Coordinator(args) => run::coordinator(args),
+        Command::Status(args) => status::status(args),
         Command::Data(cmd) => data::dispatch(cmd),
         Command::Eval(args) => eval::eval(args),
         Command::Export(args) => export::export(args),

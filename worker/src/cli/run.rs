@@ -225,7 +225,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         if progress.is_over() && all_exited || failed_worker.is_some() || (all_exited && !progress.is_over()) {
             break;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(50));
     }
     if failed_worker.is_some() {
         for child in &mut children {
