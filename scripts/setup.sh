@@ -20,6 +20,12 @@ torch_dir=$(.venv/bin/python -c "import os, torch; print(os.path.dirname(torch._
 ln -sfn "$torch_dir" .venv/torch
 
 if [[ "${1:-}" == "--test" ]]; then
+  # The partition test cuts a worker off inside a network namespace (ip netns, veth).
+  if ! command -v ip >/dev/null; then
+    echo "setup: installing iproute2 (ip) for the partition test" >&2
+    if [[ $(id -u) -eq 0 ]]; then apt-get install -y -qq iproute2 >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; }
+    else sudo apt-get install -y -qq iproute2 >/dev/null; fi
+  fi
   if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy, transformers, moto.server, boto3" 2>/dev/null; then
     echo "setup: installing test reference packages into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "${TEST_PACKAGES[@]}"

@@ -65,6 +65,16 @@ pub struct Holder {
 }
 
 impl Holder {
+    /// True when this holder is a process of this machine that no longer runs (Linux: judged
+    /// from `/proc`; elsewhere never), so its lease can be taken over before it expires.
+    pub fn has_exited_locally(&self) -> bool {
+        let this = Holder::this_process();
+        std::path::Path::new("/proc/self").exists()
+            && self.host == this.host
+            && self.pid != this.pid
+            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+
     /// A holder with the given parts.
     pub fn new(host: impl Into<String>, pid: u32, id: impl Into<String>) -> Self {
         Self { host: host.into(), pid, id: id.into() }
@@ -302,6 +312,19 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         lease_ttl: Duration,
         now_unix_ms: u64,
     ) -> Result<(Self, Option<T>), JournalError> {
+        Self::open_unless_gone(root, job, holder, lease_ttl, now_unix_ms, |_| false).await
+    }
+
+    /// [`Journal::open`], treating the lease of a holder for which `gone` is true (a process
+    /// known to have exited) as expired.
+    pub async fn open_unless_gone(
+        root: StoreRoot,
+        job: &str,
+        holder: Holder,
+        lease_ttl: Duration,
+        now_unix_ms: u64,
+        gone: impl Fn(&Holder) -> bool,
+    ) -> Result<(Self, Option<T>), JournalError> {
         let entries = list_entries(&root).await?;
         let newest_seq = entries.last().map_or(0, |(seq, _)| *seq);
         let newest: Option<Entry<T>> = read_newest(&root, &entries).await?;
@@ -312,7 +335,9 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             }
             if entry.holder != holder {
                 let age = now_unix_ms.saturating_sub(entry.written_at_unix_ms);
-                if age < entry.lease_ttl_ms {
+                if age < entry.lease_ttl_ms && gone(&entry.holder) {
+                    tracing::info!("taking over job {job:?} from coordinator {}, which has exited ({object})", entry.holder);
+                } else if age < entry.lease_ttl_ms {
                     return Err(JournalError::LeaseHeld {
                         job: job.to_string(),
                         holder: entry.holder.clone(),
@@ -320,12 +345,13 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
                         renewed_ms_ago: age,
                         expires_in_ms: entry.lease_ttl_ms - age,
                     });
+                } else {
+                    tracing::info!(
+                        "taking over job {job:?} from coordinator {}, whose lease expired {} ago ({object})",
+                        entry.holder,
+                        seconds(age - entry.lease_ttl_ms)
+                    );
                 }
-                tracing::info!(
-                    "taking over job {job:?} from coordinator {}, whose lease expired {} ago ({object})",
-                    entry.holder,
-                    seconds(age - entry.lease_ttl_ms)
-                );
             }
         }
         let previous = newest.and_then(|entry| entry.snapshot);

@@ -52,7 +52,7 @@ async fn open_journal(
     let holder = Holder::this_process();
     loop {
         let now = unix_ms(SystemTime::now());
-        match Journal::open(root.clone(), &config.job.name, holder.clone(), ttl, now).await {
+        match Journal::open_unless_gone(root.clone(), &config.job.name, holder.clone(), ttl, now, Holder::has_exited_locally).await {
             Err(JournalError::LeaseHeld { expires_in_ms, holder: other, .. }) if wait_for_lease => {
                 tracing::warn!(
                     "coordinator {other} holds job {:?}'s lease; waiting {:.1} s for it to expire",

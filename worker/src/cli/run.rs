@@ -219,6 +219,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 if let Some(bar) = &bar {
                     bar.println(message);
                 }
+                let alive = exited.iter().filter(|e| !**e).count();
+                if alive < config.cluster.min_workers && failed_worker.is_none() {
+                    failed_worker = Some(format!(
+                        "worker {i} exited with {status} and no restarts are left (cluster.max_restarts = {}): {alive} \
+                         local worker(s) remain, fewer than cluster.min_workers = {}; its log: {}",
+                        config.cluster.max_restarts,
+                        config.cluster.min_workers,
+                        launcher.log_path(i).display()
+                    ));
+                }
             }
         }
         let all_exited = exited.iter().all(|e| *e);
@@ -331,6 +341,21 @@ impl WorkerLauncher {
             cmd.args(["--device", &format!("cuda:{}", i % self.gpus)]);
         }
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt as _;
+            // The workers die with `braid run`: without its embedded coordinator they cannot
+            // finish the job, and nothing else would stop them.
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.spawn().with_context(|| format!("starting worker {i}"))
     }
 }
