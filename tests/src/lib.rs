@@ -336,6 +336,35 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Starts `braid ARGS`, behind `prefix` when it is not empty (e.g. `ip netns exec NS`), with
+/// its output in the file `log`; the process is killed when the value is dropped.
+pub fn spawn_logged<S: AsRef<OsStr>>(prefix: &[&str], args: &[S], log: &Path) -> KillOnDrop {
+    let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+    let mut command = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(braid_bin());
+            c
+        }
+        None => Command::new(braid_bin()),
+    };
+    command.args(args).stdin(Stdio::null()).stdout(file.try_clone().expect("log file handle")).stderr(file);
+    KillOnDrop(command.spawn().unwrap_or_else(|e| panic!("starting {command:?}: {e}")))
+}
+
+impl KillOnDrop {
+    /// Waits until the process exits; panics with `context()` (e.g. the logs) at `deadline`.
+    pub fn wait_until(&mut self, deadline: Instant, context: impl Fn() -> String) -> std::process::ExitStatus {
+        loop {
+            if let Some(status) = self.0.try_wait().expect("waiting for a child") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process {} still running at the deadline:\n{}", self.0.id(), context());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()

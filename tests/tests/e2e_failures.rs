@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use braid_coordinator::failpoint::{FAILPOINT_ENV, FAILPOINT_ONCE_ENV};
 use braid_tests::{
-    braid_bin, braid_run, processes_in_group, read_latest_checkpoint, read_logs, relative_difference, spawn_braid,
+    braid_run, processes_in_group, read_latest_checkpoint, read_logs, relative_difference, spawn_braid, spawn_logged,
     synth_data, with_prefix, JobFile, KillOnDrop, SynthData,
 };
 use serde_json::Value;
@@ -72,6 +72,54 @@ fn failure_free(job: &JobFile, dir: &Path, workers: usize) -> (BTreeMap<String, 
     assert!(out.status.success(), "failure-free run failed:\n{}\n{}", out.text(), read_logs(&logs));
     let losses = audit_ledger(job.sample_ledger.as_deref().expect("a ledger"), job.steps);
     (read_latest_checkpoint(job.checkpoint.as_deref().expect("checkpoints")), losses)
+}
+
+/// A failure scenario: synthetic data, the failure-free run of the job at `reference_workers`
+/// (its final model and per-step losses), and a folder with a logs folder for the run under test.
+struct Scenario {
+    data: SynthData,
+    steps: u64,
+    name: &'static str,
+    reference: BTreeMap<String, tch::Tensor>,
+    reference_losses: BTreeMap<u64, f64>,
+    run_dir: PathBuf,
+    logs: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Scenario {
+    fn new(name: &'static str, reference_workers: usize, steps: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
+        let reference_dir = dir.path().join("reference");
+        let reference_job = fp64_job(name, &data, &reference_dir, reference_workers, steps);
+        let (reference, reference_losses) = failure_free(&reference_job, &reference_dir, reference_workers);
+        let run_dir = dir.path().join(name);
+        let logs = run_dir.join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        Self { data, steps, name, reference, reference_losses, run_dir, logs, _dir: dir }
+    }
+
+    /// The scenario's fp64 job for `workers` (max) workers, writing into the run folder.
+    fn job(&self, workers: usize) -> JobFile {
+        fp64_job(self.name, &self.data, &self.run_dir, workers, self.steps)
+    }
+
+    /// Starts `braid ARGS` (behind `prefix`, if any) logging to `<logs>/<log>`.
+    fn spawn<S: AsRef<std::ffi::OsStr>>(&self, prefix: &[&str], args: &[S], log: &str) -> KillOnDrop {
+        spawn_logged(prefix, args, &self.logs.join(log))
+    }
+
+    /// Checks the run's ledger, losses and final model against the failure-free run (within
+    /// `tolerance`); returns the number of steps a cut-off worker applied alone.
+    fn compare(&self, job: &JobFile, tolerance: f64) -> usize {
+        let (losses, reapplied) = audit_ledger_with_reapplied(job.sample_ledger.as_deref().unwrap(), self.steps);
+        let worst_loss = assert_losses_close(&losses, &self.reference_losses, tolerance);
+        let trained = read_latest_checkpoint(job.checkpoint.as_deref().unwrap());
+        let worst = assert_models_close(&self.reference, &trained, tolerance);
+        println!("{}: losses within {worst_loss:e}, final parameters within {worst:e} of the failure-free run", self.name);
+        reapplied
+    }
 }
 
 /// Every ledger line of every worker in `folder` (none before the first worker created it).
@@ -212,12 +260,7 @@ fn wait_for_step(ledger: &Path, step: u64, deadline: Instant) {
 
 #[test]
 fn killed_workers_are_replaced_and_the_run_equals_the_failure_free_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
-    let steps = 90;
-    let reference_dir = dir.path().join("reference");
-    let (reference, reference_losses) = failure_free(&fp64_job("chaos", &data, &reference_dir, 4, steps), &reference_dir, 4);
-
+    let scenario = Scenario::new("chaos", 4, 90);
     let mut chaos = Chaos::from_env_or_clock();
     let collective_step = chaos.pick(12..30);
     let collective_rank = chaos.pick(0..4);
@@ -229,15 +272,15 @@ fn killed_workers_are_replaced_and_the_run_equals_the_failure_free_one() {
          checkpoint of step {checkpoint_step}; kill -9 a worker {kill_delay:?} after step {kill_step}"
     );
 
-    let run_dir = dir.path().join("chaos");
-    let job = JobFile { max_restarts: 3, ..fp64_job("chaos", &data, &run_dir, 4, steps) };
-    let path = job.write(&run_dir.join("job.toml"));
-    let logs = run_dir.join("logs");
+    let job = JobFile { max_restarts: 3, ..scenario.job(4) };
+    let path = job.write(&scenario.run_dir.join("job.toml"));
+    let logs = &scenario.logs;
+    let fired = scenario.run_dir.join("fired");
     let env = vec![
         (FAILPOINT_ENV.to_string(), format!("mid-all-reduce@{collective_step}#{collective_rank},part-upload@{checkpoint_step}")),
-        (FAILPOINT_ONCE_ENV.to_string(), run_dir.join("fired").display().to_string()),
+        (FAILPOINT_ONCE_ENV.to_string(), fired.display().to_string()),
     ];
-    let run = braid_tests::spawn_braid_run(&path, 4, &logs, &env);
+    let run = braid_tests::spawn_braid_run(&path, 4, logs, &env);
     let ledger = job.sample_ledger.clone().unwrap();
     wait_for_step(&ledger, kill_step, Instant::now() + RUN_TIMEOUT);
     std::thread::sleep(kill_delay);
@@ -249,118 +292,69 @@ fn killed_workers_are_replaced_and_the_run_equals_the_failure_free_one() {
     let out = run.wait_for_group(RUN_TIMEOUT);
     let summary = out.summary();
     println!("{summary:#}");
-    assert!(out.status.success(), "chaos run failed:\n{}\n{}", out.text(), read_logs(&logs));
+    assert!(out.status.success(), "chaos run failed:\n{}\n{}", out.text(), read_logs(logs));
     assert_eq!(summary["finished"], true);
     assert_eq!(summary["restarts"], 3, "three dead workers replaced: {summary:#}");
-    let fired: Vec<PathBuf> = std::fs::read_dir(run_dir.join("fired")).unwrap().map(|e| e.unwrap().path()).collect();
+    let fired: Vec<PathBuf> = std::fs::read_dir(fired).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(fired.len(), 2, "both crash points fired: {fired:?}");
-    let worker_logs = read_logs(&logs);
+    let worker_logs = read_logs(logs);
     assert!(worker_logs.contains("Memory"), "no generation started from a survivor's in-memory state:\n{worker_logs}");
-
-    let losses = audit_ledger(&ledger, steps);
-    let loss_diff = assert_losses_close(&losses, &reference_losses, 1e-12);
-    let diff = assert_models_close(&reference, &read_latest_checkpoint(job.checkpoint.as_deref().unwrap()), 1e-12);
-    println!("fp64: final parameters within {diff:e} and losses within {loss_diff:e} of the failure-free run");
+    assert_eq!(scenario.compare(&job, 1e-12), 0, "steps applied in more than one generation");
 }
 
 #[test]
 fn the_job_shrinks_to_min_workers_and_keeps_the_global_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
-    let steps = 40;
-    let reference_dir = dir.path().join("reference");
-    let (_, reference_losses) = failure_free(&fp64_job("shrink", &data, &reference_dir, 4, steps), &reference_dir, 4);
-
-    let run_dir = dir.path().join("shrink");
-    let job = JobFile { min_workers: Some(2), rendezvous_grace_s: Some(1.0), ..fp64_job("shrink", &data, &run_dir, 4, steps) };
-    let path = job.write(&run_dir.join("job.toml"));
-    let logs = run_dir.join("logs");
-    // Two ranks die for good: one mid all-reduce, one at the start of a later step.
+    let scenario = Scenario::new("shrink", 4, 40);
+    let job = JobFile { min_workers: Some(2), rendezvous_grace_s: Some(1.0), ..scenario.job(4) };
+    let path = job.write(&scenario.run_dir.join("job.toml"));
+    // Two ranks die for good, both mid all-reduce: rank 1 at step 8, then rank 0 at step 21.
     let env = vec![
         (FAILPOINT_ENV.to_string(), "mid-all-reduce@8#1,mid-all-reduce@21#0".to_string()),
-        (FAILPOINT_ONCE_ENV.to_string(), run_dir.join("fired").display().to_string()),
+        (FAILPOINT_ONCE_ENV.to_string(), scenario.run_dir.join("fired").display().to_string()),
     ];
-    let log_dir = logs.display().to_string();
+    let log_dir = scenario.logs.display().to_string();
     let run = spawn_braid(["run", path.to_str().unwrap(), "--json", "--log-dir", &log_dir], &env);
     let out = run.wait_for_group(RUN_TIMEOUT);
-    assert!(out.status.success(), "shrinking run failed:\n{}\n{}", out.text(), read_logs(&logs));
+    assert!(out.status.success(), "shrinking run failed:\n{}\n{}", out.text(), read_logs(&scenario.logs));
     assert_eq!(out.summary()["finished"], true);
 
-    let ledger_path = job.sample_ledger.clone().unwrap();
-    let worlds: BTreeSet<u64> = ledger_lines(&ledger_path)
+    let last_worlds: BTreeSet<u64> = ledger_lines(job.sample_ledger.as_deref().unwrap())
         .iter()
-        .filter(|l| l["event"] == "applied" && l["step"].as_u64() == Some(steps - 1))
+        .filter(|l| l["event"] == "applied" && l["step"].as_u64() == Some(scenario.steps - 1))
         .filter_map(|l| l["world_size"].as_u64())
         .collect();
-    assert_eq!(worlds, BTreeSet::from([2]), "the last step ran at world size 2");
-    let losses = audit_ledger(&ledger_path, steps);
-    let worst = assert_losses_close(&losses, &reference_losses, 1e-9);
-    println!("W=4 -> 3 -> 2 with global batch {GLOBAL_BATCH}: per-step losses within {worst:e} of the W=4 run");
+    assert_eq!(last_worlds, BTreeSet::from([2]), "the last step ran at world size 2");
+    assert_eq!(scenario.compare(&job, 1e-9), 0, "steps applied in more than one generation");
+    println!("W=4 -> 3 -> 2 with global batch {GLOBAL_BATCH}, compared with the W=4 run");
 }
 
 #[test]
 fn a_worker_joining_mid_run_gets_the_state_by_broadcast() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
-    let steps = 60;
-    let reference_dir = dir.path().join("reference");
-    let (reference, reference_losses) = failure_free(&fp64_job("grow", &data, &reference_dir, 2, steps), &reference_dir, 2);
-
-    let run_dir = dir.path().join("grow");
-    let job = JobFile { min_workers: Some(2), rendezvous_grace_s: Some(0.5), ..fp64_job("grow", &data, &run_dir, 3, steps) };
-    let path = job.write(&run_dir.join("job.toml"));
-    let logs = run_dir.join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let port = braid_tests::free_port();
-    let address = format!("127.0.0.1:{port}");
-    let spawn = |args: Vec<String>, log: &str| {
-        let file = std::fs::File::create(logs.join(log)).unwrap();
-        KillOnDrop(
-            std::process::Command::new(braid_bin())
-                .args(args)
-                .stdout(file.try_clone().unwrap())
-                .stderr(file)
-                .spawn()
-                .expect("starting braid"),
-        )
-    };
+    let scenario = Scenario::new("grow", 2, 60);
+    let job = JobFile { min_workers: Some(2), rendezvous_grace_s: Some(0.5), ..scenario.job(3) };
+    let path = job.write(&scenario.run_dir.join("job.toml"));
+    let address = format!("127.0.0.1:{}", braid_tests::free_port());
+    let logs = || read_logs(&scenario.logs);
     let mut coordinator =
-        spawn(vec!["coordinator".into(), "--job".into(), path.display().to_string(), "--listen".into(), address.clone()], "coordinator.log");
-    let worker = |i: usize| {
-        spawn(
-            vec!["worker".into(), "--coordinator".into(), address.clone(), "--advertise-host".into(), "127.0.0.1".into()],
-            &format!("worker-{i}.log"),
-        )
-    };
-    let mut first = vec![worker(0), worker(1)];
+        scenario.spawn(&[], &["coordinator", "--job", path.to_str().unwrap(), "--listen", &address], "coordinator.log");
+    let worker_args = ["worker", "--coordinator", &address, "--advertise-host", "127.0.0.1"];
+    let mut workers = vec![scenario.spawn(&[], &worker_args, "worker-0.log"), scenario.spawn(&[], &worker_args, "worker-1.log")];
     let ledger = job.sample_ledger.clone().unwrap();
-    wait_for_step(&ledger, 15, Instant::now() + RUN_TIMEOUT);
-    first.push(worker(2));
-
     let deadline = Instant::now() + RUN_TIMEOUT;
-    while coordinator.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the growing job did not finish:\n{}", read_logs(&logs));
-        std::thread::sleep(Duration::from_millis(50));
+    wait_for_step(&ledger, 15, deadline);
+    workers.push(scenario.spawn(&[], &worker_args, "worker-2.log"));
+
+    assert!(coordinator.wait_until(deadline, logs).success(), "coordinator failed:\n{}", logs());
+    for w in &mut workers {
+        w.wait_until(deadline, logs);
     }
-    let status = coordinator.0.wait().unwrap();
-    assert!(status.success(), "coordinator failed:\n{}", read_logs(&logs));
-    for w in &mut first {
-        let _ = w.0.wait();
-    }
-    let newcomer = std::fs::read_to_string(logs.join("worker-2.log")).unwrap();
+    let newcomer = std::fs::read_to_string(scenario.logs.join("worker-2.log")).unwrap();
     assert!(newcomer.contains("Memory"), "the new worker did not receive the state by broadcast:\n{newcomer}");
     assert!(!newcomer.contains("resumed from"), "the new worker read a checkpoint:\n{newcomer}");
-    let worlds: BTreeSet<u64> = ledger_lines(&ledger)
-        .iter()
-        .filter(|l| l["event"] == "applied")
-        .filter_map(|l| l["world_size"].as_u64())
-        .collect();
+    let worlds: BTreeSet<u64> =
+        ledger_lines(&ledger).iter().filter(|l| l["event"] == "applied").filter_map(|l| l["world_size"].as_u64()).collect();
     assert_eq!(worlds, BTreeSet::from([2, 3]), "trained at W=2, then W=3");
-
-    let losses = audit_ledger(&ledger, steps);
-    let worst_loss = assert_losses_close(&losses, &reference_losses, 1e-9);
-    let worst = assert_models_close(&reference, &read_latest_checkpoint(job.checkpoint.as_deref().unwrap()), 1e-9);
-    println!("W=2 -> 3 mid-run: losses within {worst_loss:e}, final parameters within {worst:e} of the W=2 run");
+    assert_eq!(scenario.compare(&job, 1e-9), 0, "steps applied in more than one generation");
 }
 
 /// A network namespace joined to this one by a veth pair; the link can be cut and restored,
@@ -423,46 +417,31 @@ fn a_partitioned_worker_is_dropped_then_rejoins_cleanly() {
         Ok(net) => net,
         Err(e) => panic!("this test cuts a worker off in a network namespace and needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN (ip netns): {e}"),
     };
-    let dir = tempfile::tempdir().unwrap();
-    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
-    let steps = 260;
-    let reference_dir = dir.path().join("reference");
-    let (reference, reference_losses) = failure_free(&fp64_job("partition", &data, &reference_dir, 3, steps), &reference_dir, 3);
-
+    let scenario = Scenario::new("partition", 3, 260);
     let (heartbeat, collective, grace) = (3.0, 3.0, 1.0);
-    let run_dir = dir.path().join("partition");
     let job = JobFile {
         min_workers: Some(2),
         heartbeat_timeout_s: Some(heartbeat),
         collective_timeout_s: Some(collective),
         rendezvous_grace_s: Some(grace),
-        ..fp64_job("partition", &data, &run_dir, 3, steps)
+        ..scenario.job(3)
     };
-    let path = job.write(&run_dir.join("job.toml"));
-    let logs = run_dir.join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
+    let path = job.write(&scenario.run_dir.join("job.toml"));
+    let logs = || read_logs(&scenario.logs);
     let port = braid_tests::free_port();
-    let spawn = |prefix: &[&str], args: Vec<String>, log: &str| {
-        let file = std::fs::File::create(logs.join(log)).unwrap();
-        let mut command = std::process::Command::new(prefix.first().copied().unwrap_or(braid_bin().to_str().unwrap()));
-        if !prefix.is_empty() {
-            command.args(&prefix[1..]).arg(braid_bin());
-        }
-        KillOnDrop(command.args(args).stdout(file.try_clone().unwrap()).stderr(file).spawn().expect("starting braid"))
-    };
-    let mut coordinator = spawn(
+    let mut coordinator = scenario.spawn(
         &[],
-        vec!["coordinator".into(), "--job".into(), path.display().to_string(), "--listen".into(), format!("0.0.0.0:{port}")],
+        &["coordinator", "--job", path.to_str().unwrap(), "--listen", &format!("0.0.0.0:{port}")],
         "coordinator.log",
     );
     let coordinator_at = format!("{}:{port}", net.host_ip);
     let worker_args = |advertise: &str| {
-        vec!["worker".into(), "--coordinator".into(), coordinator_at.clone(), "--advertise-host".into(), advertise.to_string()]
+        ["worker", "--coordinator", &coordinator_at, "--advertise-host", advertise].map(str::to_string)
     };
     let mut workers = vec![
-        spawn(&[], worker_args(&net.host_ip), "worker-0.log"),
-        spawn(&[], worker_args(&net.host_ip), "worker-1.log"),
-        spawn(&["ip", "netns", "exec", &net.namespace], worker_args(&net.inner_ip), "worker-cut-off.log"),
+        scenario.spawn(&[], &worker_args(&net.host_ip), "worker-0.log"),
+        scenario.spawn(&[], &worker_args(&net.host_ip), "worker-1.log"),
+        scenario.spawn(&["ip", "netns", "exec", &net.namespace], &worker_args(&net.inner_ip), "worker-cut-off.log"),
     ];
     let ledger = job.sample_ledger.clone().unwrap();
     let deadline = Instant::now() + RUN_TIMEOUT;
@@ -473,18 +452,19 @@ fn a_partitioned_worker_is_dropped_then_rejoins_cleanly() {
             .collect::<Vec<_>>()
     };
     while applied_at_world(3).len() < 3 * 10 {
-        assert!(Instant::now() < deadline, "10 steps at W=3 not reached:\n{}", read_logs(&logs));
+        assert!(Instant::now() < deadline, "10 steps at W=3 not reached:\n{}", logs());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let cut_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let cut_ms = now_ms();
     net.set_link(false);
     println!("link cut at step {:?}", applied_so_far(&ledger));
     let continued_ms = loop {
-        let after: Vec<u64> = applied_at_world(2).iter().filter_map(|l| l["unix_ms"].as_u64()).filter(|t| *t > cut_ms).collect();
-        if let Some(first) = after.iter().min() {
-            break *first;
+        let after = applied_at_world(2).iter().filter_map(|l| l["unix_ms"].as_u64()).filter(|t| *t > cut_ms).min();
+        if let Some(first) = after {
+            break first;
         }
-        assert!(Instant::now() < deadline, "the others did not continue at W=2:\n{}", read_logs(&logs));
+        assert!(Instant::now() < deadline, "the others did not continue at W=2:\n{}", logs());
         std::thread::sleep(Duration::from_millis(20));
     };
     let waited = (continued_ms - cut_ms) as f64 / 1e3;
@@ -497,112 +477,69 @@ fn a_partitioned_worker_is_dropped_then_rejoins_cleanly() {
     // refused and it joins again.
     let alone_from = applied_at_world(2).len();
     while applied_at_world(2).len() < alone_from + 2 * 20 {
-        assert!(Instant::now() < deadline, "no progress at W=2:\n{}", read_logs(&logs));
+        assert!(Instant::now() < deadline, "no progress at W=2:\n{}", logs());
         std::thread::sleep(Duration::from_millis(20));
     }
     net.set_link(true);
-    let healed_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let healed_ms = now_ms();
     while !applied_at_world(3).iter().any(|l| l["unix_ms"].as_u64().is_some_and(|t| t > healed_ms)) {
-        assert!(Instant::now() < deadline, "the healed worker did not rejoin:\n{}", read_logs(&logs));
+        assert!(Instant::now() < deadline, "the healed worker did not rejoin:\n{}", logs());
         std::thread::sleep(Duration::from_millis(20));
     }
     println!("the healed worker trains again at W=3");
-    while coordinator.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the job did not finish:\n{}", read_logs(&logs));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(coordinator.0.wait().unwrap().success(), "coordinator failed:\n{}", read_logs(&logs));
+    assert!(coordinator.wait_until(deadline, logs).success(), "coordinator failed:\n{}", logs());
     for w in &mut workers {
-        let _ = w.0.wait();
+        w.wait_until(deadline, logs);
     }
-    let cut_off = std::fs::read_to_string(logs.join("worker-cut-off.log")).unwrap();
+    let cut_off = std::fs::read_to_string(scenario.logs.join("worker-cut-off.log")).unwrap();
     assert!(cut_off.contains("joined again as"), "the cut-off worker did not join again:\n{cut_off}");
-
-    let (losses, reapplied) = audit_ledger_with_reapplied(&ledger, steps);
-    let worst_loss = assert_losses_close(&losses, &reference_losses, 1e-9);
-    let worst = assert_models_close(&reference, &read_latest_checkpoint(job.checkpoint.as_deref().unwrap()), 1e-9);
-    println!(
-        "W=3 -> 2 -> 3 across a partition ({reapplied} step(s) applied by the cut-off worker alone): losses within \
-         {worst_loss:e}, final parameters within {worst:e} of the failure-free run"
-    );
+    let reapplied = scenario.compare(&job, 1e-9);
+    println!("W=3 -> 2 -> 3 across a partition; {reapplied} step(s) applied by the cut-off worker alone");
 }
 
 #[test]
 fn a_restarted_coordinator_resumes_the_job_from_its_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = synth_data(&dir.path().join("data"), TRAIN_SAMPLES, 50, 200);
-    let steps = 150;
-    let reference_dir = dir.path().join("reference");
-    let (reference, reference_losses) = failure_free(&fp64_job("journal", &data, &reference_dir, 3, steps), &reference_dir, 3);
-
-    let run_dir = dir.path().join("journal");
-    let lease = 2.0;
-    let job = JobFile { coordinator_lease_s: Some(lease), ..fp64_job("journal", &data, &run_dir, 3, steps) };
-    let path = job.write(&run_dir.join("job.toml"));
-    let logs = run_dir.join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let port = braid_tests::free_port();
-    let address = format!("127.0.0.1:{port}");
-    let spawn = |args: Vec<String>, log: &str| {
-        let file = std::fs::File::create(logs.join(log)).unwrap();
-        KillOnDrop(
-            std::process::Command::new(braid_bin())
-                .args(args)
-                .stdout(file.try_clone().unwrap())
-                .stderr(file)
-                .spawn()
-                .expect("starting braid"),
-        )
-    };
+    let scenario = Scenario::new("journal", 3, 150);
+    let job = JobFile { coordinator_lease_s: Some(2.0), ..scenario.job(3) };
+    let path = job.write(&scenario.run_dir.join("job.toml"));
+    let logs = || read_logs(&scenario.logs);
+    let address = format!("127.0.0.1:{}", braid_tests::free_port());
     let coordinator = |listen: &str, wait: bool, log: &str| {
-        let mut args = vec!["coordinator".into(), "--job".into(), path.display().to_string(), "--listen".into(), listen.to_string()];
+        let mut args = vec!["coordinator", "--job", path.to_str().unwrap(), "--listen", listen];
         if wait {
-            args.push("--wait-for-lease".into());
+            args.push("--wait-for-lease");
         }
-        spawn(args, log)
+        scenario.spawn(&[], &args, log)
     };
     let mut first = coordinator(&address, false, "coordinator-1.log");
-    let mut workers: Vec<KillOnDrop> = (0..3)
-        .map(|i| {
-            let args = vec!["worker".into(), "--coordinator".into(), address.clone(), "--advertise-host".into(), "127.0.0.1".into()];
-            spawn(args, &format!("worker-{i}.log"))
-        })
-        .collect();
+    let worker_args = ["worker", "--coordinator", &address, "--advertise-host", "127.0.0.1"];
+    let mut workers: Vec<KillOnDrop> = (0..3).map(|i| scenario.spawn(&[], &worker_args, &format!("worker-{i}.log"))).collect();
     let ledger = job.sample_ledger.clone().unwrap();
     let deadline = Instant::now() + RUN_TIMEOUT;
     wait_for_step(&ledger, 20, deadline);
 
     // A second coordinator on the same job is refused while the first one holds the lease.
     let other = format!("127.0.0.1:{}", braid_tests::free_port());
-    let mut second = coordinator(&other, false, "coordinator-second.log");
-    let status = second.0.wait().unwrap();
-    let refusal = std::fs::read_to_string(logs.join("coordinator-second.log")).unwrap();
+    let status = coordinator(&other, false, "coordinator-second.log").wait_until(deadline, logs);
+    let refusal = std::fs::read_to_string(scenario.logs.join("coordinator-second.log")).unwrap();
     println!("second coordinator: {status}: {}", refusal.lines().last().unwrap_or_default());
     assert!(!status.success() && refusal.contains("holds job") && refusal.contains("lease"), "{status}: {refusal}");
 
     wait_for_step(&ledger, 40, deadline);
     let _ = first.0.kill();
     let _ = first.0.wait();
-    let killed_at = applied_so_far(&ledger).unwrap();
-    println!("coordinator killed (kill -9) after step {killed_at}");
+    println!("coordinator killed (kill -9) after step {:?}", applied_so_far(&ledger));
     std::thread::sleep(Duration::from_millis(500));
     let mut restarted = coordinator(&address, true, "coordinator-2.log");
-    while restarted.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the job did not finish after the restart:\n{}", read_logs(&logs));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(restarted.0.wait().unwrap().success(), "restarted coordinator failed:\n{}", read_logs(&logs));
+    assert!(restarted.wait_until(deadline, logs).success(), "restarted coordinator failed:\n{}", logs());
     for (i, w) in workers.iter_mut().enumerate() {
-        let status = w.0.wait().unwrap();
-        assert!(status.success(), "worker {i} exited with {status}:\n{}", read_logs(&logs));
+        let status = w.wait_until(deadline, logs);
+        assert!(status.success(), "worker {i} exited with {status}:\n{}", logs());
     }
-    let restarted_log = std::fs::read_to_string(logs.join("coordinator-2.log")).unwrap();
+    let restarted_log = std::fs::read_to_string(scenario.logs.join("coordinator-2.log")).unwrap();
     assert!(restarted_log.contains("from the coordinator journal"), "the new coordinator did not resume:\n{restarted_log}");
-    let worker_logs: String = (0..3).map(|i| std::fs::read_to_string(logs.join(format!("worker-{i}.log"))).unwrap()).collect();
+    let worker_logs: String =
+        (0..3).map(|i| std::fs::read_to_string(scenario.logs.join(format!("worker-{i}.log"))).unwrap()).collect();
     assert!(!worker_logs.contains("joined again"), "a worker had to join again:\n{worker_logs}");
-
-    let losses = audit_ledger(&ledger, steps);
-    let worst_loss = assert_losses_close(&losses, &reference_losses, 1e-12);
-    let worst = assert_models_close(&reference, &read_latest_checkpoint(job.checkpoint.as_deref().unwrap()), 1e-12);
-    println!("coordinator restart: no worker restarted; losses within {worst_loss:e}, parameters within {worst:e}");
+    assert_eq!(scenario.compare(&job, 1e-12), 0, "steps applied in more than one generation");
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use braid_tests::{braid, braid_bin, read_logs, synth_data, JobFile, KillOnDrop};
+use braid_tests::{braid, read_logs, spawn_logged, synth_data, JobFile};
 use serde_json::Value;
 
 /// `braid status --json`; `None` while the coordinator is not listening yet.
@@ -25,17 +25,7 @@ fn status_shows_why_a_job_waits_then_its_generation_and_members() {
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let address = format!("127.0.0.1:{}", braid_tests::free_port());
-    let spawn = |args: &[&str], log: &str| {
-        let file = std::fs::File::create(logs.join(log)).unwrap();
-        KillOnDrop(
-            std::process::Command::new(braid_bin())
-                .args(args)
-                .stdout(file.try_clone().unwrap())
-                .stderr(file)
-                .spawn()
-                .expect("starting braid"),
-        )
-    };
+    let spawn = |args: &[&str], log: &str| spawn_logged(&[], args, &logs.join(log));
     let _coordinator = spawn(&["coordinator", "--job", job.to_str().unwrap(), "--listen", &address], "coordinator.log");
     let deadline = Instant::now() + Duration::from_secs(60);
     let worker_args = ["worker", "--coordinator", &address, "--advertise-host", "127.0.0.1"];
