@@ -7,6 +7,7 @@ pub mod augment;
 pub mod error;
 pub mod index;
 pub mod loader;
+pub mod mlm;
 pub mod store;
 pub mod synth;
 

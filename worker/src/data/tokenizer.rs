@@ -64,6 +64,14 @@ pub enum TokenizerError {
         /// What the tokenizer reported.
         reason: String,
     },
+    /// The tokenizer lacks special tokens that a BERT-style encoder needs.
+    #[error("tokenizer {path} lacks {missing:?}; a BERT WordPiece tokenizer has [CLS], [SEP], [PAD], [MASK], [UNK]")]
+    MissingSpecialTokens {
+        /// The file as given.
+        path: String,
+        /// The tokens it does not have.
+        missing: Vec<String>,
+    },
 }
 
 /// The spec that [`load_tokenizer`] maps to [`ClipBpe`].
@@ -687,17 +695,126 @@ impl HfTokenizer {
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }
+
+    /// The id of `token` (vocabulary or added token), if the tokenizer has it.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Ids of the added tokens marked special (for BERT: [PAD], [UNK], [CLS], [SEP], [MASK]),
+    /// ascending. These are transformers' `all_special_ids`, the tokens its MLM collator never
+    /// masks.
+    pub fn special_token_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, token)| token.special)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The ids of [CLS], [SEP], [PAD], [MASK] and [UNK]; the pad id is [`Self::pad_id`].
+    pub fn bert_special_tokens(&self) -> Result<BertSpecialTokens, TokenizerError> {
+        let mut missing = Vec::new();
+        let mut find = |token: &str| {
+            self.tokenizer.token_to_id(token).unwrap_or_else(|| {
+                missing.push(token.to_string());
+                0
+            })
+        };
+        let tokens = BertSpecialTokens {
+            cls: find("[CLS]"),
+            sep: find("[SEP]"),
+            mask: find("[MASK]"),
+            unk: find("[UNK]"),
+            pad: self.pad_id,
+        };
+        if self.tokenizer.token_to_id("[PAD]").is_none() && self.tokenizer.get_padding().is_none() {
+            missing.push("[PAD]".to_string());
+        }
+        if missing.is_empty() {
+            Ok(tokens)
+        } else {
+            Err(TokenizerError::MissingSpecialTokens { path: self.path.clone(), missing })
+        }
+    }
+
+    /// Encodes `text` as [`TextTokenizer::encode`] does (for a BERT tokenizer.json: `[CLS]`
+    /// tokens `[SEP]`, cut to keep `[SEP]` last, padded with [PAD]), with the attention mask and
+    /// the word of each token, like transformers' `BertTokenizerFast(text, padding="max_length",
+    /// truncation=True, max_length=context_length)` and its `word_ids()`.
+    pub fn encode_words(&self, text: &str, context_length: usize) -> EncodedWords {
+        let (encoded, mut word_ids) = match self.tokenizer.encode(text, true) {
+            Ok(encoding) => {
+                let encoded = self.fit(&encoding, context_length);
+                let kept = encoding.len().min(context_length);
+                let mut word_ids: Vec<i64> =
+                    encoding.get_word_ids()[..kept].iter().map(|word| word.map_or(-1, i64::from)).collect();
+                let cut = encoding.len() > context_length;
+                if cut && encoding.get_special_tokens_mask().last() == Some(&1) {
+                    if let Some(last) = word_ids.last_mut() {
+                        *last = -1;
+                    }
+                }
+                (encoded, word_ids)
+            }
+            Err(e) => {
+                tracing::warn!(tokenizer = %self.path, error = %e, "cannot encode a caption; using an empty one");
+                (fit_to_context(&[], context_length, None, self.pad_id), Vec::new())
+            }
+        };
+        let kept = word_ids.len();
+        word_ids.resize(context_length, -1);
+        let attention_mask = (0..context_length).map(|i| i64::from(i < kept)).collect();
+        EncodedWords { ids: encoded.ids, eot_index: encoded.eot_index, attention_mask, word_ids }
+    }
+
+    /// Fits one encoding to the context length, keeping its final special token when cut.
+    fn fit(&self, encoding: &tokenizers::Encoding, context_length: usize) -> Encoded {
+        let ids = encoding.get_ids();
+        let ends_special = encoding.get_special_tokens_mask().last() == Some(&1);
+        let last = ids.last().copied().filter(|_| ends_special);
+        fit_to_context(ids, context_length, last, self.pad_id)
+    }
+}
+
+/// The special tokens of a BERT WordPiece tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BertSpecialTokens {
+    /// `[CLS]`, first in every sequence (the bidirectional text encoder pools here).
+    pub cls: u32,
+    /// `[SEP]`, last in every sequence.
+    pub sep: u32,
+    /// `[PAD]`, after the sequence up to the context length.
+    pub pad: u32,
+    /// `[MASK]`, what masked-language modelling puts in place of most predicted tokens.
+    pub mask: u32,
+    /// `[UNK]`, a word the vocabulary cannot spell.
+    pub unk: u32,
+}
+
+/// One text with what a BERT-style encoder and its masking need besides the ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedWords {
+    /// Exactly `context_length` ids: the tokens, then padding.
+    pub ids: Vec<i64>,
+    /// Index of the last token before the padding (`[SEP]` for BERT).
+    pub eot_index: usize,
+    /// 1 for every token, special tokens included; 0 for padding.
+    pub attention_mask: Vec<i64>,
+    /// The pre-tokenizer word each token belongs to (0, 1, ... in text order); -1 for tokens
+    /// the post-processor added (`[CLS]`, `[SEP]`) and for padding. A WordPiece word's pieces
+    /// (the first, then the `##` continuations) share one id.
+    pub word_ids: Vec<i64>,
 }
 
 impl TextTokenizer for HfTokenizer {
     fn encode(&self, text: &str, context_length: usize) -> Encoded {
         match self.tokenizer.encode(text, true) {
-            Ok(encoding) => {
-                let ids = encoding.get_ids();
-                let ends_special = encoding.get_special_tokens_mask().last() == Some(&1);
-                let last = ids.last().copied().filter(|_| ends_special);
-                fit_to_context(ids, context_length, last, self.pad_id)
-            }
+            Ok(encoding) => self.fit(&encoding, context_length),
             Err(e) => {
                 tracing::warn!(tokenizer = %self.path, error = %e, "cannot encode a caption; using an empty one");
                 fit_to_context(&[], context_length, None, self.pad_id)
@@ -887,6 +1004,29 @@ mod tests {
         let encoded = tokenizer.encode("a cat", 6);
         assert_eq!(encoded.ids, [1, 4, 7, 2, 9, 9]);
         assert_eq!(encoded.eot_index, 3);
+    }
+
+    #[test]
+    fn encode_words_gives_attention_and_word_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_json(dir.path(), &word_level_json(serde_json::Value::Null));
+        let tokenizer = HfTokenizer::from_file(&path).unwrap();
+        let padded = tokenizer.encode_words("a red cat.", 8);
+        assert_eq!(padded.ids, [1, 4, 8, 7, 9, 2, 0, 0]);
+        assert_eq!(padded.attention_mask, [1, 1, 1, 1, 1, 1, 0, 0]);
+        assert_eq!(padded.word_ids, [-1, 0, 1, 2, 3, -1, -1, -1]);
+        assert_eq!(padded.eot_index, 5);
+        let cut = tokenizer.encode_words("a red cat.", 4);
+        assert_eq!(cut.ids, [1, 4, 8, 2]);
+        assert_eq!(cut.attention_mask, [1, 1, 1, 1]);
+        assert_eq!(cut.word_ids, [-1, 0, 1, -1]);
+        assert_eq!(tokenizer.special_token_ids(), [0, 1, 2, 3]);
+        let err = tokenizer.bert_special_tokens().unwrap_err();
+        match &err {
+            TokenizerError::MissingSpecialTokens { missing, .. } => assert_eq!(missing, &["[CLS]", "[SEP]", "[MASK]"]),
+            other => panic!("unexpected error {other}"),
+        }
+        assert!(err.to_string().contains(&path), "{err}");
     }
 
     #[test]
