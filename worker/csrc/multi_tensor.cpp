@@ -1,7 +1,8 @@
 // Multi-tensor optimizer kernels of libtorch that tch does not wrap: fused AdamW, foreach norm
-// and scaling for gradient clipping, foreach zeroing. Each call launches a handful of kernels
-// for all parameters instead of several per parameter. Tensors arrive as tch's handles
-// (pointers to torch::Tensor); errors come back as a malloc'd message (null on success).
+// and scaling for gradient clipping, foreach zeroing, foreach lerp (momentum / EMA updates).
+// Each call launches a handful of kernels for all parameters instead of several per parameter.
+// Tensors arrive as tch's handles (pointers to torch::Tensor); errors come back as a malloc'd
+// message (null on success).
 
 #include <torch/torch.h>
 #include <cstring>
@@ -72,6 +73,21 @@ char *braid_foreach_zero(at::Tensor **ts, int64_t n) {
     if (n == 0) return nullptr;
     auto t = list(ts, n);
     at::_foreach_zero_(t);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return error_message(e);
+  }
+}
+
+// In place, for each i: self[i] += weight * (end[i] - self[i]) (torch._foreach_lerp_), e.g. the
+// momentum update theta_m <- m theta_m + (1 - m) theta with weight 1 - m. Pairs must agree in
+// dtype, device and shape.
+char *braid_foreach_lerp(at::Tensor **self, at::Tensor **end, int64_t n, double weight) {
+  try {
+    if (n == 0) return nullptr;
+    auto s = list(self, n), e = list(end, n);
+    at::NoGradGuard no_grad;
+    at::_foreach_lerp_(s, e, weight);
     return nullptr;
   } catch (const std::exception &e) {
     return error_message(e);

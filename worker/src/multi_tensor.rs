@@ -1,6 +1,6 @@
 //! Safe wrappers over libtorch's multi-tensor kernels (`csrc/multi_tensor.cpp`): fused AdamW,
-//! gradient-norm clipping and zeroing over whole parameter lists, a few kernel launches per
-//! call instead of several per parameter.
+//! gradient-norm clipping, zeroing and lerp (momentum updates) over whole parameter lists, a few
+//! kernel launches per call instead of several per parameter.
 
 use std::ffi::{c_char, c_void, CStr};
 
@@ -28,6 +28,7 @@ mod ffi {
         ) -> *mut c_char;
         pub fn braid_clip_grad_norm(grads: *const Handle, n: i64, max_norm: f64, norm: *mut f64) -> *mut c_char;
         pub fn braid_foreach_zero(tensors: *const Handle, n: i64) -> *mut c_char;
+        pub fn braid_foreach_lerp(tensors: *const Handle, ends: *const Handle, n: i64, weight: f64) -> *mut c_char;
         pub fn braid_free_error(message: *mut c_char);
     }
 }
@@ -121,4 +122,15 @@ pub fn zero(tensors: &[Tensor]) -> Result<(), KernelError> {
     // SAFETY: handles point at live tensors for the whole call.
     let message = unsafe { ffi::braid_foreach_zero(t.as_ptr(), t.len() as i64) };
     check("zero", message)
+}
+
+/// In place and without autograd, `tensors[i] += weight * (ends[i] - tensors[i])` for every `i`
+/// (`torch._foreach_lerp_`): with `weight = 1 - m`, the momentum / EMA update
+/// `theta_m <- m * theta_m + (1 - m) * theta`. Each pair agrees in kind, device and shape.
+pub fn lerp_(tensors: &[Tensor], ends: &[Tensor], weight: f64) -> Result<(), KernelError> {
+    assert_eq!(tensors.len(), ends.len(), "foreach lerp lists differ in length");
+    let (t, e) = (handles(tensors), handles(ends));
+    // SAFETY: handles point at live tensors owned by the slices above for the whole call.
+    let message = unsafe { ffi::braid_foreach_lerp(t.as_ptr(), e.as_ptr(), t.len() as i64, weight) };
+    check("foreach lerp", message)
 }

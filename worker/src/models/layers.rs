@@ -26,7 +26,12 @@ impl Activation {
 
 /// LayerNorm with open_clip's epsilon (1e-5).
 pub fn layer_norm(p: nn::Path, width: i64) -> LayerNorm {
-    LayerNorm { weight: p.var("weight", &[width], nn::Init::Const(1.0)), bias: p.var("bias", &[width], nn::Init::Const(0.0)), width }
+    layer_norm_eps(p, width, 1e-5)
+}
+
+/// LayerNorm with epsilon `eps` (BERT's is 1e-12).
+pub fn layer_norm_eps(p: nn::Path, width: i64, eps: f64) -> LayerNorm {
+    LayerNorm { weight: p.var("weight", &[width], nn::Init::Const(1.0)), bias: p.var("bias", &[width], nn::Init::Const(0.0)), width, eps }
 }
 
 /// Initial standard deviations of a transformer's weights (open_clip's `init_parameters`).
@@ -95,11 +100,12 @@ pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     width: i64,
+    eps: f64,
 }
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.width], Some(cast(&self.weight, x)), Some(cast(&self.bias, x)), 1e-5, true)
+        x.layer_norm([self.width], Some(cast(&self.weight, x)), Some(cast(&self.bias, x)), self.eps, true)
     }
 }
 

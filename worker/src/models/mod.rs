@@ -1,5 +1,6 @@
 //! Model families. Each file reads like its paper's figure; shared blocks live in `layers`.
 
+pub mod bert;
 pub mod clip;
 pub mod layers;
 pub mod text;

@@ -1,3 +1,6 @@
 //! Pretraining objectives, written once and shared by the model families.
 
+pub mod distill;
 pub mod itc;
+pub mod momentum;
+pub mod queue;
