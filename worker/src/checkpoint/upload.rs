@@ -89,18 +89,22 @@ fn snapshot_into(
             Some(buffers) if fits(&buffers) => buffers,
             _ => tensors.iter().map(|(n, t)| (n.clone(), host_buffer(t))).collect(),
         };
-        let pairs: Vec<(&Tensor, &Tensor)> = buffers.iter().zip(tensors).map(|((_, d), (_, s))| (d, s)).collect();
+        // GPU tensors go through the side stream together; host tensors (the step counter) and
+        // anything the side stream cannot take are copied here.
+        let (gpu, host): (Vec<usize>, Vec<usize>) = (0..tensors.len()).partition(|&i| tensors[i].1.device().is_cuda());
+        let pairs: Vec<(&Tensor, &Tensor)> = gpu.iter().map(|&i| (&buffers[i].1, &tensors[i].1)).collect();
         let on_side_stream = device_copy::applies(&pairs).map(|ordinal| device_copy::copy_to_host(ordinal, &pairs, after));
-        match on_side_stream {
-            Some(Ok(())) => {}
+        let rest = match on_side_stream {
+            Some(Ok(())) => host,
             other => {
                 if let Some(Err(e)) = other {
                     tracing::warn!("checkpoint copy on a side stream failed ({e}); copying on the default stream");
                 }
-                for ((_, dst), (_, src)) in buffers.iter_mut().zip(tensors) {
-                    dst.copy_(src);
-                }
+                (0..tensors.len()).collect()
             }
+        };
+        for i in rest {
+            buffers[i].1.copy_(&tensors[i].1);
         }
         buffers
     })

@@ -135,11 +135,17 @@ impl SelfAttention {
     pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
         let (b, n, w) = x.size3().expect("attention input is [batch, tokens, width]");
         let head_dim = w / self.heads;
-        let qkv = x.linear(&cast(&self.in_proj_weight, x), Some(cast(&self.in_proj_bias, x)));
-        let qkv = qkv.view([b, n, 3, self.heads, head_dim]).permute([2, 0, 3, 1, 4]);
-        // `unbind` (not three `select`s): its backward stacks the three gradients in one kernel
-        // instead of zero-filling and summing three full-size tensors.
-        let [q, k, v]: [Tensor; 3] = qkv.unbind(0).try_into().expect("q, k and v");
+        let (weight, bias) = (cast(&self.in_proj_weight, x), cast(&self.in_proj_bias, x));
+        // q, k and v from three row blocks of the fused projection, each laid out [batch,
+        // tokens, heads, head_dim] and seen as [batch, heads, tokens, head_dim]: the attention
+        // kernels take that layout as is, their output and gradients keep it, so neither the
+        // output nor the backward needs a copy into or out of one fused [3, ...] tensor.
+        let project = |i: i64| {
+            x.linear(&weight.narrow(0, i * w, w), Some(bias.narrow(0, i * w, w)))
+                .view([b, n, self.heads, head_dim])
+                .transpose(1, 2)
+        };
+        let (q, k, v) = (project(0), project(1), project(2));
         let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false);
         o.transpose(1, 2).reshape([b, n, w]).apply(&self.out_proj)
     }
