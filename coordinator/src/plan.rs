@@ -8,6 +8,17 @@
 
 use crate::manifest::{DatasetManifest, SampleRef};
 
+/// SplitMix64's increment (the golden ratio in 64 bits).
+pub const SPLITMIX64_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function: a bijective mix of 64 bits (also a good hash of a counter).
+pub fn splitmix64_mix(x: u64) -> u64 {
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// SplitMix64: a small, fully specified generator so the order is stable across
 /// platforms and dependency versions.
 #[derive(Debug, Clone)]
@@ -21,13 +32,35 @@ impl SplitMix64 {
         g
     }
 
+    /// A generator whose state is `state` as is (the reference algorithm's seeding).
+    pub fn from_state(state: u64) -> Self {
+        Self(state)
+    }
+
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(SPLITMIX64_GAMMA);
+        splitmix64_mix(self.0)
+    }
+
+    /// Uniform in `[0, n)` (n > 0).
+    pub fn index(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
+    }
+
+    /// Uniform in `[lo, hi]`.
+    pub fn between(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.index(hi - lo + 1)
+    }
+
+    /// One of `items`, uniformly.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.index(items.len())]
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn chance(&mut self, percent: usize) -> bool {
+        self.index(100) < percent
     }
 
     /// Uniform in `[0, n)` (n > 0), by rejection so there is no modulo bias.

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use braid_coordinator::failpoint::{FAILPOINT_ENV, FAILPOINT_ONCE_ENV};
+use braid_coordinator::plan::SplitMix64;
 use braid_tests::{
     braid_run, processes_in_group, read_latest_checkpoint, read_logs, relative_difference, spawn_braid, spawn_logged,
     synth_data, with_prefix, JobFile, KillOnDrop, SynthData,
@@ -21,9 +22,8 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 const TRAIN_SAMPLES: usize = 800;
 const GLOBAL_BATCH: usize = 32;
 
-/// A small seeded generator (SplitMix64) for kill moments; the seed is printed, and
-/// `BRAID_CHAOS_SEED` replays a run.
-struct Chaos(u64);
+/// A seeded generator for kill moments; the seed is printed, and `BRAID_CHAOS_SEED` replays a run.
+struct Chaos(SplitMix64);
 
 impl Chaos {
     fn from_env_or_clock() -> Self {
@@ -31,20 +31,12 @@ impl Chaos {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
         });
         println!("chaos seed {seed} (set BRAID_CHAOS_SEED={seed} to replay)");
-        Self(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        Self(SplitMix64::from_state(seed))
     }
 
     /// Uniform in `range`.
     fn pick(&mut self, range: std::ops::Range<u64>) -> u64 {
-        range.start + self.next() % (range.end - range.start)
+        range.start + self.0.below(range.end - range.start)
     }
 }
 

@@ -3,36 +3,8 @@
 //! braid, and every row of ids must be equal.
 
 use braid::data::tokenizer::{ClipBpe, TextTokenizer};
+use braid_coordinator::plan::SplitMix64;
 use braid_tests::{python, workspace_root};
-
-/// SplitMix64: a small deterministic generator, so the corpus is the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-}
 
 #[rustfmt::skip]
 const WORDS: &[&str] = &[
@@ -140,7 +112,7 @@ const ODD_CHARACTERS: &[&str] = &[
 ];
 
 /// The most common separator between words: mostly a space.
-fn separator(rng: &mut Rng) -> &'static str {
+fn separator(rng: &mut SplitMix64) -> &'static str {
     if rng.chance(85) {
         " "
     } else {
@@ -148,27 +120,27 @@ fn separator(rng: &mut Rng) -> &'static str {
     }
 }
 
-fn words_from(rng: &mut Rng, pools: &[&[&'static str]], count: usize) -> String {
+fn words_from(rng: &mut SplitMix64, pools: &[&[&'static str]], count: usize) -> String {
     let mut text = String::new();
     for i in 0..count {
         if i > 0 {
             text.push_str(separator(rng));
         }
-        let pool = pools[rng.below(pools.len())];
+        let pool = pools[rng.index(pools.len())];
         text.push_str(rng.pick(pool));
     }
     text
 }
 
-fn ascii_caption(rng: &mut Rng) -> String {
-    let count = rng.range(1, 15);
+fn ascii_caption(rng: &mut SplitMix64) -> String {
+    let count = rng.between(1, 15);
     let mut text = String::new();
     for i in 0..count {
         if i > 0 {
             text.push(' ');
         }
         let word = rng.pick(WORDS);
-        match rng.below(6) {
+        match rng.index(6) {
             0 => text.push_str(&word.to_uppercase()),
             1 => {
                 let mut chars = word.chars();
@@ -189,13 +161,13 @@ fn ascii_caption(rng: &mut Rng) -> String {
     text
 }
 
-fn punctuation_run(rng: &mut Rng) -> String {
+fn punctuation_run(rng: &mut SplitMix64) -> String {
     const ASCII_PUNCTUATION: &str = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
     let chars: Vec<char> = ASCII_PUNCTUATION.chars().collect();
     let mut text = String::new();
-    for _ in 0..rng.range(1, 4) {
-        for _ in 0..rng.range(1, 20) {
-            text.push(chars[rng.below(chars.len())]);
+    for _ in 0..rng.between(1, 4) {
+        for _ in 0..rng.between(1, 20) {
+            text.push(chars[rng.index(chars.len())]);
         }
         if rng.chance(50) {
             text.push(' ');
@@ -206,14 +178,14 @@ fn punctuation_run(rng: &mut Rng) -> String {
     text
 }
 
-fn long_text(rng: &mut Rng, words: usize) -> String {
+fn long_text(rng: &mut SplitMix64, words: usize) -> String {
     words_from(rng, &[WORDS, WORDS, WORDS, PUNCTUATION, NUMBERS, ACCENTED], words)
 }
 
 /// The whole corpus: every kind of well-formed text (no mojibake) that open_clip's cleaning and
 /// split must agree on.
 fn corpus() -> Vec<String> {
-    let mut rng = Rng(0x5EED_CAFE_F00D_0001);
+    let mut rng = SplitMix64::from_state(0x5EED_CAFE_F00D_0001);
     let mut texts: Vec<String> = vec![
         String::new(),
         " ".into(),
@@ -246,28 +218,28 @@ fn corpus() -> Vec<String> {
         texts.push(punctuation_run(&mut rng));
     }
     for _ in 0..80 {
-        let count = rng.range(1, 8);
+        let count = rng.between(1, 8);
         texts.push(words_from(&mut rng, &[NUMBERS, WORDS], count));
     }
     for _ in 0..120 {
-        let count = rng.range(1, 12);
+        let count = rng.between(1, 12);
         texts.push(words_from(&mut rng, &[ACCENTED, GREEK_CYRILLIC, WORDS], count));
     }
     for _ in 0..80 {
-        let count = rng.range(1, 8);
+        let count = rng.between(1, 8);
         texts.push(words_from(&mut rng, &[CJK, EMOJI, WORDS], count));
     }
     for _ in 0..80 {
-        let count = rng.range(1, 10);
+        let count = rng.between(1, 10);
         texts.push(words_from(&mut rng, &[QUOTES, CONTRACTIONS, WORDS], count));
     }
     for _ in 0..120 {
-        let count = rng.range(1, 10);
+        let count = rng.between(1, 10);
         texts.push(words_from(&mut rng, &[ENTITIES, WORDS, ACCENTED], count));
     }
     for _ in 0..80 {
         let mut text = String::new();
-        for _ in 0..rng.range(1, 8) {
+        for _ in 0..rng.between(1, 8) {
             text.push_str(rng.pick(SEPARATORS));
             text.push_str(rng.pick(WORDS));
         }
@@ -276,11 +248,11 @@ fn corpus() -> Vec<String> {
     }
     for _ in 0..60 {
         texts.push(ascii_caption(&mut rng).to_uppercase());
-        let count = rng.range(1, 8);
+        let count = rng.between(1, 8);
         texts.push(words_from(&mut rng, &[ACCENTED, GREEK_CYRILLIC], count).to_uppercase());
     }
     for _ in 0..40 {
-        let count = rng.range(60, 250);
+        let count = rng.between(60, 250);
         texts.push(long_text(&mut rng, count));
     }
     texts.push(long_text(&mut rng, 5000));
@@ -301,10 +273,10 @@ fn corpus() -> Vec<String> {
         ODD_CHARACTERS,
     ];
     for _ in 0..250 {
-        let count = rng.range(1, 20);
+        let count = rng.between(1, 20);
         let mut text = String::new();
         for _ in 0..count {
-            let pool = all[rng.below(all.len())];
+            let pool = all[rng.index(all.len())];
             text.push_str(rng.pick(pool));
             if rng.chance(60) {
                 text.push_str(separator(&mut rng));

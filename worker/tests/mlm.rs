@@ -13,32 +13,8 @@ use std::sync::OnceLock;
 
 use braid::data::mlm::{Masker, MaskingConfig, MaskingError, MaskingInputs, MaskingVocab, IGNORE_INDEX};
 use braid::data::tokenizer::{HfTokenizer, TextTokenizer};
-use braid_coordinator::plan::rank_slice;
+use braid_coordinator::plan::{rank_slice, SplitMix64};
 
-/// SplitMix64 for the test data, so every run sees the same samples.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // WordPiece against transformers
@@ -101,7 +77,7 @@ fn vocab_tokens() -> Vec<String> {
 /// special tokens, unknown characters, words too long for WordPiece and captions longer than
 /// the context.
 fn captions() -> Vec<String> {
-    let mut rng = Rng(2024);
+    let mut rng = SplitMix64::from_state(2024);
     let mut texts: Vec<String> = vec![
         String::new(),
         " ".into(),
@@ -115,14 +91,14 @@ fn captions() -> Vec<String> {
         "日本犬 sitting in 東京".into(),
     ];
     while texts.len() < 200 {
-        let words = match rng.below(10) {
-            0 => rng.range(30, 60),
-            _ => rng.range(1, 14),
+        let words = match rng.index(10) {
+            0 => rng.between(30, 60),
+            _ => rng.between(1, 14),
         };
         let mut text = String::new();
         for w in 0..words {
             if w > 0 {
-                text.push_str(match rng.below(12) {
+                text.push_str(match rng.index(12) {
                     0 => "  ",
                     1 => "\t",
                     _ => " ",
@@ -346,16 +322,16 @@ struct Synthetic {
 
 impl Synthetic {
     fn new(rows: usize, context_length: usize, max_pieces: usize, seed: u64) -> Self {
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix64::from_state(seed);
         let mut batch = Synthetic { ids: vec![], attention: vec![], words: vec![], positions: vec![], context_length };
         for row in 0..rows {
-            let target = rng.range(3, context_length);
+            let target = rng.between(3, context_length);
             let (mut ids, mut words) = (vec![CLS], vec![-1]);
             let mut word = 0;
             while ids.len() < target - 1 {
-                let pieces = rng.range(1, max_pieces).min(target - 1 - ids.len());
+                let pieces = rng.between(1, max_pieces).min(target - 1 - ids.len());
                 for _ in 0..pieces {
-                    ids.push(if rng.below(50) == 0 { UNK } else { 1000 + rng.below(29000) as i64 });
+                    ids.push(if rng.index(50) == 0 { UNK } else { 1000 + rng.index(29000) as i64 });
                     words.push(word);
                 }
                 word += 1;

@@ -13,6 +13,7 @@
 //! batch, which is braid's data-order guarantee carried over to the masking.
 
 use serde::{Deserialize, Serialize};
+use braid_coordinator::plan::{splitmix64_mix, SPLITMIX64_GAMMA};
 
 use std::collections::HashMap;
 
@@ -382,7 +383,7 @@ impl Masker {
         // from the augmentation's `SplitMix64::new(seed, position)`.
         const DOMAIN: u64 = 0x6D6C_6D5F_6D61_736B; // "mlm_mask"
         let mut h = splitmix_finalize(self.seed ^ DOMAIN);
-        h = splitmix_finalize(h ^ position.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        h = splitmix_finalize(h ^ position.wrapping_mul(SPLITMIX64_GAMMA));
         h = splitmix_finalize(h ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
         splitmix_finalize(h ^ (draw as u64).wrapping_mul(0xF135_7AEA_2E62_A9C5))
     }
@@ -400,11 +401,9 @@ impl Masker {
 
 /// SplitMix64's output function: a bijection on u64 that mixes every input bit into every
 /// output bit.
+/// SplitMix64's step and output function on `x`, as one hash.
 fn splitmix_finalize(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    splitmix64_mix(x.wrapping_add(SPLITMIX64_GAMMA))
 }
 
 fn check_len(what: &'static str, got: usize, expected: usize) -> Result<(), MaskingError> {
