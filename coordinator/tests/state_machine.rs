@@ -146,17 +146,7 @@ impl Sim {
     }
 
     fn step(&mut self, t: f64, id: &str, generation: u64, step: u64) -> braid_proto::StepReply {
-        let req = StepReport {
-            header: header(id),
-            generation,
-            step,
-            loss: 1.5,
-            learning_rate: 1e-3,
-            samples: 4,
-            step_seconds: 0.5,
-            ..Default::default()
-        };
-        self.c.report_step(self.at(t), &req).unwrap()
+        self.step_timed(t, id, generation, step, 0.5, 0.0)
     }
 
     fn vote(&mut self, t: f64, id: &str, rank: u32, step: u64, attempt: &str, ok: bool) -> Result<bool, Error> {

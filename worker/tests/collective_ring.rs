@@ -213,17 +213,20 @@ fn all_reduce_is_reproducible_bitwise_and_identical_on_every_rank() {
     }
 }
 
+/// Gradients of mixed kinds and shapes, as the bucketed all-reduce meets them.
+const BUCKET_SHAPES: [(Kind, &[i64]); 5] = [
+    (Kind::Float, &[3, 4]),
+    (Kind::Float, &[5]),
+    (Kind::Float, &[1000]),
+    (Kind::BFloat16, &[2, 2]),
+    (Kind::Double, &[]),
+];
+
 #[test]
 fn bucketed_all_reduce_sums_every_tensor() {
     let world_size = 3;
     let mut rings = connect_ring(world_size, 2, TIMEOUT);
-    let shapes: [(Kind, &[i64]); 5] = [
-        (Kind::Float, &[3, 4]),
-        (Kind::Float, &[5]),
-        (Kind::Float, &[1000]),
-        (Kind::BFloat16, &[2, 2]),
-        (Kind::Double, &[]),
-    ];
+    let shapes = BUCKET_SHAPES;
     let make = |rank: usize| -> Vec<Tensor> {
         shapes
             .iter()
@@ -266,13 +269,7 @@ fn gradient(rank: usize, n: usize, seed: f64) -> Tensor {
 
 #[test]
 fn bf16_wire_sums_the_bf16_rounded_gradients_exactly() {
-    let shapes: [(Kind, &[i64]); 5] = [
-        (Kind::Float, &[3, 4]),
-        (Kind::Float, &[5]),
-        (Kind::Float, &[1000]),
-        (Kind::BFloat16, &[2, 2]),
-        (Kind::Double, &[]),
-    ];
+    let shapes = BUCKET_SHAPES;
     let make = |rank: usize| -> Vec<Tensor> {
         shapes
             .iter()
