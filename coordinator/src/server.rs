@@ -258,18 +258,27 @@ pub fn start_service(
     let local_addr = listener.local_addr().map_err(|e| Error::Serve(format!("listener has no address: {e}")))?;
     let ticker = service.clone();
     let stop = shutdown.clone();
+    let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(TICK_INTERVAL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut serving = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = interval.tick() => ticker.tick(Instant::now()),
             }
+            let ready = !ticker.progress().is_over();
+            if serving != Some(ready) {
+                report_health(&health, ready).await;
+                serving = Some(ready);
+            }
         }
+        report_health(&health, false).await;
     });
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let routes = http_routes(service.clone());
+    let grpc = tonic::service::Routes::new(CoordinatorServer::new(service.clone())).add_service(health_service);
+    let routes = http_routes(service.clone(), grpc);
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -286,12 +295,23 @@ pub fn start_service(
     Ok(CoordinatorHandle { service, local_addr, shutdown, server, journal })
 }
 
-/// The gRPC service and, on the same port over HTTP/1.1 or HTTP/2, `GET /status`: the job's
+/// gRPC health (`grpc.health.v1`): SERVING for the whole server and for `braid.v1.Coordinator`
+/// while the job runs or waits for workers, NOT_SERVING once it finished, failed or stopped.
+async fn report_health(health: &tonic_health::server::HealthReporter, ready: bool) {
+    let status = if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+    health.set_service_status("", status).await;
+    health.set_service_status(COORDINATOR_SERVICE, status).await;
+}
+
+/// The coordinator's gRPC service name, as health checks ask for it.
+pub const COORDINATOR_SERVICE: &str = "braid.v1.Coordinator";
+
+/// The gRPC services `grpc` (the coordinator's and health checking) and, on the same port over
+/// HTTP/1.1 or HTTP/2, `GET /status`: the job's
 /// [`Progress`] as JSON (generation, members with their ranks, steps and straggler flags,
 /// rejoins, generation history, checkpoints, why the job waits).
-fn http_routes(service: CoordinatorService) -> tonic::service::Routes {
-    let grpc = CoordinatorServer::new(service.clone());
-    let router = tonic::service::Routes::new(grpc)
+fn http_routes(service: CoordinatorService, grpc: tonic::service::Routes) -> tonic::service::Routes {
+    let router = grpc
         .into_axum_router()
         .route("/status", axum::routing::get(move || async move { axum::Json(service.progress()) }));
     tonic::service::Routes::from(router)

@@ -14,6 +14,9 @@ use braid_proto::{
     RendezvousState, StepReport, PROTOCOL_VERSION,
 };
 use tokio_util::sync::CancellationToken;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 use tonic::Request;
 
 const JOB: &str = "svc-job";
@@ -171,6 +174,8 @@ async fn a_real_server_runs_a_job_with_two_clients() {
     let shutdown = CancellationToken::new();
     let handle = braid_coordinator::start(config.clone(), listener, shutdown.clone()).await.unwrap();
     let addr = handle.local_addr().to_string();
+    let health = health_of(&addr);
+    assert_eq!(health.await, [ServingStatus::Serving, ServingStatus::Serving], "a running job is ready");
 
     // Protocol mismatch, refused with a message that says so.
     let mut raw = braid_proto::coordinator_client::CoordinatorClient::connect(format!("http://{addr}")).await.unwrap();
@@ -265,6 +270,11 @@ async fn a_real_server_runs_a_job_with_two_clients() {
     tokio::time::timeout(Duration::from_secs(5), handle.ended()).await.expect("the job ends");
     let p = handle.progress();
     assert!(p.finished && p.failure.is_none(), "{p:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while health_of(&addr).await != [ServingStatus::NotServing, ServingStatus::NotServing] {
+        assert!(Instant::now() < deadline, "a finished job still reports SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(a.heartbeat(5).await.unwrap().job_finished);
     assert_eq!(b.rendezvous("x").await.unwrap().state, RendezvousState::JobFinished as i32);
     a.leave("done").await.unwrap();
@@ -295,6 +305,18 @@ async fn a_real_server_runs_a_job_with_two_clients() {
     assert_eq!(resumed.checkpoints.last().map(|c| c.step), Some(5), "{resumed:?}");
     next.shutdown();
     next.join().await.unwrap();
+}
+
+/// gRPC health of the whole server and of the coordinator service, as a probe asks for them.
+async fn health_of(addr: &str) -> [ServingStatus; 2] {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("a channel");
+    let mut client = HealthClient::new(channel);
+    let mut out = [ServingStatus::Unknown; 2];
+    for (slot, service) in out.iter_mut().zip(["", braid_coordinator::server::COORDINATOR_SERVICE]) {
+        let reply = client.check(HealthCheckRequest { service: service.into() }).await.expect("health check");
+        *slot = ServingStatus::try_from(reply.into_inner().status).expect("a serving status");
+    }
+    out
 }
 
 #[tokio::test]
