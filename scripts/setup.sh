@@ -23,8 +23,9 @@ if [[ "${1:-}" == "--test" ]]; then
   # The partition test cuts a worker off inside a network namespace (ip netns, veth).
   if ! command -v ip >/dev/null; then
     echo "setup: installing iproute2 (ip) for the partition test" >&2
-    if [[ $(id -u) -eq 0 ]]; then apt-get install -y -qq iproute2 >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; }
-    else sudo apt-get install -y -qq iproute2 >/dev/null; fi
+    sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    { $sudo apt-get install -y -qq iproute2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq iproute2; }; } >/dev/null 2>&1 \
+      || echo "setup: could not install iproute2; the partition test will be skipped" >&2
   fi
   if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy, transformers, moto.server, boto3" 2>/dev/null; then
     echo "setup: installing test reference packages into .venv" >&2

@@ -409,8 +409,8 @@ fn a_partitioned_worker_is_dropped_then_rejoins_cleanly() {
     let net = match Partitionable::create() {
         Ok(net) => net,
         // Only a missing privilege skips the test, loudly; any other failure fails it.
-        Err(e) if e.contains("Operation not permitted") || e.contains("Permission denied") => {
-            eprintln!("SKIPPED: cutting a worker off needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN (ip netns): {e}");
+        Err(e) if ["Operation not permitted", "Permission denied", "No such file"].iter().any(|m| e.contains(m)) => {
+            eprintln!("SKIPPED: cutting a worker off needs `ip` and root with CAP_NET_ADMIN and CAP_SYS_ADMIN (ip netns): {e}");
             return;
         }
         Err(e) => panic!("cannot set up the network namespace for the partition: {e}"),
