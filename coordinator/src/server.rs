@@ -19,6 +19,11 @@ use crate::service::CoordinatorService;
 use crate::state::{Coordinator, CoordinatorSnapshot, Progress};
 use crate::store::{self, StoreRoot};
 
+/// The largest RPC message the coordinator reads or writes. Its messages are small (the largest
+/// is a checkpoint vote listing parts, or the job file in a join reply); a larger one is refused
+/// with OUT_OF_RANGE before it is decoded.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
 /// How often the state machine is ticked (dead workers, rendezvous grace).
 pub const TICK_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -277,7 +282,10 @@ pub fn start_service(
         report_health(&health, false).await;
     });
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let grpc = tonic::service::Routes::new(CoordinatorServer::new(service.clone())).add_service(health_service);
+    let coordinator = CoordinatorServer::new(service.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let grpc = tonic::service::Routes::new(coordinator).add_service(health_service);
     let routes = http_routes(service.clone(), grpc);
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {

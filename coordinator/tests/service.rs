@@ -188,6 +188,17 @@ async fn a_real_server_runs_a_job_with_two_clients() {
     let err = Error::Rpc { rpc: "Join", code: status.code(), message: status.message().to_string() };
     assert!(err.to_string().contains("protocol version"), "{err}");
 
+    // An oversized message is refused before it is decoded, and changes nothing.
+    let huge = JoinRequest {
+        header: Some(Header { job_id: JOB.into(), protocol_version: PROTOCOL_VERSION, worker_id: String::new() }),
+        hostname: "h".repeat(braid_coordinator::server::MAX_MESSAGE_BYTES + 1),
+        ..Default::default()
+    };
+    let status = raw.join(huge).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("message length too large"), "{}", status.message());
+    assert!(handle.progress().members.is_empty(), "the oversized join registered a worker");
+
     let wrong_job = CoordinatorClient::connect(&addr, "another-job", Duration::from_secs(5)).await.unwrap();
     let err = wrong_job.join("h", "cpu", 1).await.unwrap_err().to_string();
     assert!(err.contains("job id mismatch") && err.contains("another-job"), "{err}");
