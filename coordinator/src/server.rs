@@ -264,10 +264,11 @@ pub fn start_service(
     let ticker = service.clone();
     let stop = shutdown.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
+    let first_health = health.clone();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(TICK_INTERVAL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut serving = None;
+        let mut serving = Some(!ticker.progress().is_over());
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -288,7 +289,10 @@ pub fn start_service(
     let grpc = tonic::service::Routes::new(coordinator).add_service(health_service);
     let routes = http_routes(service.clone(), grpc);
     let stop = shutdown.clone();
+    let ready = !service.progress().is_over();
     let server = tokio::spawn(async move {
+        // Health is set before the first connection is served, so no probe finds it missing.
+        report_health(&first_health, ready).await;
         tonic::transport::Server::builder()
             .accept_http1(true)
             .add_routes(routes)
