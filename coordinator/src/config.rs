@@ -359,6 +359,13 @@ impl Default for TrainSection {
     }
 }
 
+impl ClusterSection {
+    /// `bucket_mb` in bytes: the gradient all-reduce and state broadcast bucket size.
+    pub fn bucket_bytes(&self) -> usize {
+        (self.bucket_mb * (1 << 20) as f64) as usize
+    }
+}
+
 impl Default for ClusterSection {
     fn default() -> Self {
         Self {

@@ -137,8 +137,8 @@ impl Error {
         }
     }
 
-    /// True when the request named a generation that is no longer the live one (or a worker
-    /// the coordinator no longer knows): the worker must rendezvous again.
+    /// True when the request named a generation that is no longer the live one: the worker
+    /// must rendezvous again.
     pub fn is_stale(&self) -> bool {
         match self {
             Error::StaleGeneration { .. } => true,
@@ -146,9 +146,7 @@ impl Error {
             _ => false,
         }
     }
-}
 
-impl Error {
     /// True when the coordinator no longer knows the worker (declared dead while it was cut
     /// off, or a coordinator without its record): the worker must join again.
     pub fn is_unknown_worker(&self) -> bool {

@@ -4,7 +4,7 @@
 //! `name` (any step), or `name@step#rank` (only on that rank; the worker sets its rank and step
 //! with [`set_context`]). With `BRAID_FAILPOINT_ONCE=<folder>`, each point fires at most once
 //! across processes (a restarted worker does not crash again): the crash first creates
-//! `<folder>/<point>`. Unset, a point costs one lookup.
+//! `<folder>/<point>`. The environment is read once per process; unset, a point costs nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,7 +25,9 @@ pub fn set_context(step: u64, rank: usize) {
 
 /// The armed point (as written in the environment) matching `name` at `step` on this rank.
 fn matching(name: &str, step: u64) -> Option<String> {
-    let spec = std::env::var(FAILPOINT_ENV).ok()?;
+    // Read once: points are checked inside collectives, on every step.
+    static SPEC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let spec = SPEC.get_or_init(|| std::env::var(FAILPOINT_ENV).ok()).as_deref()?;
     let rank = RANK.load(Ordering::Relaxed);
     spec.split(',').map(str::trim).find_map(|point| {
         let (target, ranks) = point.split_once('#').unwrap_or((point, ""));

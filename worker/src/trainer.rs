@@ -156,7 +156,7 @@ impl ClipTrainer {
             grad_clip: t.grad_clip,
             max_micro_batch: t.max_micro_batch,
             activation_checkpointing: t.activation_checkpointing,
-            bucket_bytes: (config.cluster.bucket_mb * (1 << 20) as f64) as usize,
+            bucket_bytes: config.cluster.bucket_bytes(),
             reduce_precision: ReducePrecision::parse(&config.cluster.reduce_precision).expect("validated reduce_precision"),
         })
     }

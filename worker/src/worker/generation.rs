@@ -19,7 +19,8 @@ use crate::checkpoint::CheckpointStore;
 use crate::collective::{connect_collective, Collective, CollectiveError, Engine, Rendezvous, RingListener};
 use crate::data::loader::{CorruptSample, Loader, LoaderOptions};
 use crate::data::{store, tokenizer};
-use crate::trainer::{clip_config, ClipTrainer, DeviceBatch, TrainError};
+use crate::models::clip::ClipConfig;
+use crate::trainer::{ClipTrainer, DeviceBatch};
 
 /// How a generation ended for this worker.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +53,8 @@ pub struct WorkerContext<'a> {
     pub device: Device,
     /// The tokenizer.
     pub tokenizer: &'a Arc<dyn tokenizer::TextTokenizer>,
+    /// The model's shape.
+    pub clip: ClipConfig,
     /// This worker's ring endpoint as advertised to peers.
     pub endpoint: &'a str,
     /// The checkpoint root, if the job has one.
@@ -132,7 +135,7 @@ pub fn run_generation(
     };
     let (start, total) = (plan_reply.start_step, plan_reply.total_steps);
 
-    let clip = clip_config(config, ctx.tokenizer.vocab_size() as i64).map_err(TrainError::from)?;
+    let clip = ctx.clip;
     let origin = state_sync::restore(&plan_reply, &mut held.trainer, held.pristine, coll.as_mut(), config, ctx.checkpoints, || {
         ClipTrainer::new(config, clip, device)
     })?;

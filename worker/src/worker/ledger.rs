@@ -47,16 +47,15 @@ impl Ledger {
 
     /// Records the keys of the slice this rank is about to reduce for `step`.
     pub fn contributed(&mut self, generation: u64, step: u64, rank: usize, world_size: usize, keys: &[String]) {
-        self.write(Entry { event: "contributed", unix_ms: 0, generation, step, rank, world_size, samples: Some(keys), loss: None });
+        self.write(Entry { event: "contributed", unix_ms: unix_ms_now(), generation, step, rank, world_size, samples: Some(keys), loss: None });
     }
 
     /// Records that this rank applied `step`'s update, whose global-batch loss was `loss`.
     pub fn applied(&mut self, generation: u64, step: u64, rank: usize, world_size: usize, loss: f64) {
-        self.write(Entry { event: "applied", unix_ms: 0, generation, step, rank, world_size, samples: None, loss: Some(loss) });
+        self.write(Entry { event: "applied", unix_ms: unix_ms_now(), generation, step, rank, world_size, samples: None, loss: Some(loss) });
     }
 
-    fn write(&mut self, mut entry: Entry<'_>) {
-        entry.unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    fn write(&mut self, entry: Entry<'_>) {
         let line = serde_json::to_string(&entry).expect("ledger entries serialise");
         // Flushed per line: a worker killed right after contributing leaves its line behind.
         let result = writeln!(self.out, "{line}").and_then(|()| self.out.flush());
@@ -64,4 +63,9 @@ impl Ledger {
             tracing::warn!("sample ledger {}: {e}", self.path.display());
         }
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

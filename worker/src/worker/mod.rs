@@ -206,6 +206,7 @@ fn train(
             config,
             device,
             tokenizer: &tokenizer,
+            clip,
             endpoint: &endpoint,
             checkpoints: checkpoints.as_ref(),
             checkpointer: checkpointer.as_ref(),

@@ -42,7 +42,7 @@ pub fn restore(
 ) -> Result<Origin, WorkerError> {
     if let Some(root) = plan.state_source_rank {
         let root = root as usize;
-        broadcast_state(trainer, coll, root, bucket_bytes(config))?;
+        broadcast_state(trainer, coll, root, config.cluster.bucket_bytes())?;
         return Ok(Origin::Memory { rank: root });
     }
     if !plan.resume_manifest_url.is_empty() {
@@ -60,10 +60,6 @@ pub fn restore(
         tracing::info!("initialised from {init}");
     }
     Ok(Origin::Fresh)
-}
-
-fn bucket_bytes(config: &JobConfig) -> usize {
-    (config.cluster.bucket_mb * (1 << 20) as f64) as usize
 }
 
 /// Every rank takes rank `root`'s model and optimizer state (the optimizer's step count
