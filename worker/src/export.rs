@@ -205,7 +205,7 @@ pub fn clip_key_map(config: &ClipConfig) -> Vec<KeyMapping> {
         vec![v.grid() * v.grid() + 1, vw],
         same("vision_model.embeddings.position_embedding.weight".into()),
     );
-    add("visual.proj".into(), vec![vw, v.output_dim], HfTarget::Transposed("visual_projection.weight".into()));
+    add("visual.proj".into(), vec![vw, config.embed_dim], HfTarget::Transposed("visual_projection.weight".into()));
     add(
         "visual.conv1.weight".into(),
         vec![vw, 3, v.patch_size, v.patch_size],

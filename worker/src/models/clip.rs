@@ -29,7 +29,7 @@ impl ClipConfig {
     /// A named preset: `tiny` (CPU tests, 32x32 images), `vit-b-32` or `vit-b-16` (224x224).
     /// The vocabulary and context length come from the tokenizer and job.
     pub fn preset(name: &str, vocab_size: i64, context_length: Option<i64>, activation: Activation) -> Result<Self, ModelError> {
-        let shape = |width, layers, heads| TransformerShape { width, layers, heads, mlp_ratio: 4.0 };
+        let shape = TransformerShape::new;
         let (embed_dim, image_size, patch_size, vision, text, default_context) = match name {
             "tiny" => (64, 32, 8, shape(64, 2, 4), shape(64, 2, 4), 32),
             "vit-b-32" => (512, 224, 32, shape(768, 12, 12), shape(512, 12, 8), 77),
@@ -38,7 +38,7 @@ impl ClipConfig {
         };
         Ok(Self {
             embed_dim,
-            vision: VitConfig { image_size, patch_size, transformer: vision, output_dim: embed_dim },
+            vision: VitConfig::open_clip(image_size, patch_size, vision, embed_dim),
             text: TextConfig {
                 vocab_size,
                 context_length: context_length.unwrap_or(default_context),

@@ -185,13 +185,14 @@ pub struct ResidualBlock {
 }
 
 impl ResidualBlock {
-    /// A block of `width` with `heads` and an MLP of `mlp_ratio * width`.
-    pub fn new(p: nn::Path, width: i64, heads: i64, mlp_ratio: f64, activation: Activation, init: Option<BlockInit>) -> Self {
-        let hidden = (width as f64 * mlp_ratio) as i64;
+    /// A block of `shape.width` with `shape.heads` and an MLP of `mlp_ratio * width`.
+    pub fn new(p: nn::Path, shape: &TransformerShape, activation: Activation, init: Option<BlockInit>) -> Self {
+        let (width, eps) = (shape.width, shape.layer_norm_eps);
+        let hidden = (width as f64 * shape.mlp_ratio) as i64;
         Self {
-            ln_1: layer_norm(&p / "ln_1", width),
-            attn: SelfAttention::new(&p / "attn", width, heads, init),
-            ln_2: layer_norm(&p / "ln_2", width),
+            ln_1: layer_norm_eps(&p / "ln_1", width, eps),
+            attn: SelfAttention::new(&p / "attn", width, shape.heads, init),
+            ln_2: layer_norm_eps(&p / "ln_2", width, eps),
             mlp: Mlp::new(&p / "mlp", width, hidden, activation, init),
         }
     }
@@ -220,6 +221,15 @@ pub struct TransformerShape {
     pub heads: i64,
     /// MLP hidden size over width.
     pub mlp_ratio: f64,
+    /// Epsilon of the blocks' LayerNorms (open_clip and BLIP: 1e-5; ALBEF's ViT: 1e-6).
+    pub layer_norm_eps: f64,
+}
+
+impl TransformerShape {
+    /// A shape with an MLP ratio of 4 and open_clip's LayerNorm epsilon (1e-5).
+    pub fn new(width: i64, layers: i64, heads: i64) -> Self {
+        Self { width, layers, heads, mlp_ratio: 4.0, layer_norm_eps: 1e-5 }
+    }
 }
 
 impl Transformer {
@@ -227,7 +237,7 @@ impl Transformer {
     pub fn new(p: nn::Path, shape: TransformerShape, activation: Activation, init: Option<BlockInit>) -> Self {
         let blocks = (0..shape.layers)
             .map(|i| {
-                ResidualBlock::new(&p / "resblocks" / i, shape.width, shape.heads, shape.mlp_ratio, activation, init)
+                ResidualBlock::new(&p / "resblocks" / i, &shape, activation, init)
             })
             .collect();
         Self { blocks }

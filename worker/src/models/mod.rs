@@ -1,6 +1,8 @@
 //! Model families. Each file reads like its paper's figure; shared blocks live in `layers`.
 
+pub mod albef;
 pub mod bert;
+pub mod blip;
 pub mod clip;
 pub mod layers;
 pub mod text;

@@ -1,0 +1,1 @@
+//! ALBEF (Li et al. 2021, "Align before Fuse").
