@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
-TEST_PACKAGES=(open-clip-torch==3.3.0 safetensors numpy pillow ftfy regex transformers==5.24.0 "moto[server]")
+TEST_PACKAGES=(open-clip-torch==3.3.0 safetensors numpy pillow ftfy regex transformers==5.24.0 "moto[server]" iopath)
+# ALBEF's reference. Its wheel pins DALL-E and attrs, which its ALBEF modules never import (they
+# need iopath, above, and torchvision, which open-clip-torch brings), so it goes in without them.
+TORCHMULTIMODAL=torchmultimodal-nightly==2024.4.1
 
 if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv" >&2
@@ -27,8 +30,12 @@ if [[ "${1:-}" == "--test" ]]; then
     { $sudo apt-get install -y -qq iproute2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq iproute2; }; } >/dev/null 2>&1 \
       || echo "setup: could not install iproute2; the partition test will be skipped" >&2
   fi
-  if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy, transformers, moto.server, boto3" 2>/dev/null; then
+  if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy, transformers, moto.server, boto3, iopath" 2>/dev/null; then
     echo "setup: installing test reference packages into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "${TEST_PACKAGES[@]}"
+  fi
+  if ! .venv/bin/python -c "import torchmultimodal.models.albef.model" 2>/dev/null; then
+    echo "setup: installing $TORCHMULTIMODAL into .venv" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "$TORCHMULTIMODAL"
   fi
 fi

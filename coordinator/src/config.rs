@@ -62,6 +62,49 @@ pub struct ModelSection {
     /// Text context length in tokens. Default: the preset's (`tiny` 32, base presets 77).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_length: Option<usize>,
+    /// ALBEF/BLIP: length of the image and text feature queues, a multiple of the global batch.
+    /// Default: the paper's (ALBEF 65,536, BLIP 57,600; `tiny` presets 1,024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<usize>,
+    /// ALBEF/BLIP: momentum-encoder coefficient `m` in `theta_m <- m theta_m + (1 - m) theta`.
+    /// Default 0.995.
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// ALBEF/BLIP: weight of the momentum model's soft targets in the distilled losses. Default 0.4.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// ALBEF/BLIP: steps over which `alpha` ramps up linearly from 0. Default: one epoch (ALBEF)
+    /// or two (BLIP) of the training set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha_ramp_steps: Option<u64>,
+    /// ALBEF/BLIP: where ITM hard negatives come from: `per_worker` (each rank's own batch, as
+    /// both papers pretrain) or `global` (the whole global batch, independent of the worker
+    /// count). Default `per_worker`.
+    #[serde(default = "default_hard_negatives")]
+    pub hard_negatives: String,
+    /// ALBEF: fraction of caption tokens masked for MLM (80% [MASK], 10% random, 10% kept).
+    /// Default 0.15.
+    #[serde(default = "default_mlm_probability")]
+    pub mlm_probability: f64,
+    /// ALBEF: mask whole words rather than single WordPiece tokens. Default false.
+    #[serde(default)]
+    pub whole_word_masking: bool,
+}
+
+impl ModelSection {
+    /// The feature-queue length ALBEF and BLIP use: `queue_size`, else the preset's default.
+    pub fn queue_size(&self) -> usize {
+        self.queue_size.unwrap_or(match (self.family.as_str(), self.preset.as_str()) {
+            (_, "tiny") => 1024,
+            ("blip", _) => 57_600,
+            _ => 65_536,
+        })
+    }
+
+    /// Whether the family has momentum encoders and feature queues.
+    pub fn has_momentum(&self) -> bool {
+        matches!(self.family.as_str(), "albef" | "blip")
+    }
 }
 
 /// `[data]`
@@ -241,6 +284,18 @@ fn default_family() -> String {
 fn default_preset() -> String {
     "tiny".into()
 }
+fn default_momentum() -> f64 {
+    0.995
+}
+fn default_alpha() -> f64 {
+    0.4
+}
+fn default_hard_negatives() -> String {
+    "per_worker".into()
+}
+fn default_mlm_probability() -> f64 {
+    0.15
+}
 fn default_tokenizer() -> String {
     "clip-bpe".into()
 }
@@ -334,7 +389,20 @@ fn default_log_every() -> u64 {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { family: default_family(), preset: default_preset(), quick_gelu: false, init_from: None, context_length: None }
+        Self {
+            family: default_family(),
+            preset: default_preset(),
+            quick_gelu: false,
+            init_from: None,
+            context_length: None,
+            queue_size: None,
+            momentum: default_momentum(),
+            alpha: default_alpha(),
+            alpha_ramp_steps: None,
+            hard_negatives: default_hard_negatives(),
+            mlm_probability: default_mlm_probability(),
+            whole_word_masking: false,
+        }
     }
 }
 
@@ -404,9 +472,13 @@ impl Default for TelemetrySection {
 }
 
 /// Model families braid can train today.
-pub const FAMILIES: &[&str] = &["clip"];
+pub const FAMILIES: &[&str] = &["clip", "albef", "blip"];
 /// Presets of the CLIP family.
 pub const CLIP_PRESETS: &[&str] = &["tiny", "vit-b-32", "vit-b-16"];
+/// Presets of the ALBEF and BLIP families.
+pub const MOMENTUM_PRESETS: &[&str] = &["tiny", "base"];
+/// Where ITM hard negatives are drawn from (`model.hard_negatives`).
+pub const HARD_NEGATIVES: &[&str] = &["per_worker", "global"];
 
 impl JobConfig {
     /// Parses a job file's text; `origin` names it in errors.
@@ -455,6 +527,50 @@ impl JobConfig {
         }
     }
 
+    /// The checks of the momentum families' keys (ALBEF, BLIP); other families must leave
+    /// `queue_size` and `alpha_ramp_steps` unset.
+    fn validate_momentum(&self, p: &mut Vec<String>) {
+        let m = &self.model;
+        if !m.has_momentum() {
+            for (key, set) in [("queue_size", m.queue_size.is_some()), ("alpha_ramp_steps", m.alpha_ramp_steps.is_some())] {
+                if set {
+                    p.push(format!("model.{key} applies to the albef and blip families, not {:?}", m.family));
+                }
+            }
+            return;
+        }
+        let global_batch = self.train.global_batch;
+        if global_batch > 0 {
+            let queue = m.queue_size();
+            if queue == 0 || queue % global_batch != 0 {
+                let below = queue / global_batch * global_batch;
+                let hint = if below == 0 { format!("{global_batch}") } else { format!("{below} or {}", below + global_batch) };
+                p.push(format!(
+                    "model.queue_size = {queue} is not a multiple of train.global_batch = {global_batch}: every step enqueues the \
+                     whole global batch, so the queue must hold a whole number of batches (e.g. {hint})"
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&m.momentum) {
+            p.push(format!("model.momentum = {}: must be in [0, 1)", m.momentum));
+        }
+        if !(0.0..=1.0).contains(&m.alpha) {
+            p.push(format!("model.alpha = {}: must be in [0, 1]", m.alpha));
+        }
+        if !HARD_NEGATIVES.contains(&m.hard_negatives.as_str()) {
+            p.push(format!("model.hard_negatives = {:?}: choose one of {:?}", m.hard_negatives, HARD_NEGATIVES));
+        }
+        if !(m.mlm_probability > 0.0 && m.mlm_probability <= 1.0) {
+            p.push(format!("model.mlm_probability = {}: must be in (0, 1]", m.mlm_probability));
+        }
+        if m.quick_gelu {
+            p.push(format!("model.quick_gelu applies to the clip family, not {:?}", m.family));
+        }
+        if m.init_from.is_some() && m.family != "clip" {
+            p.push(format!("model.init_from (open_clip weights) applies to the clip family, not {:?}", m.family));
+        }
+    }
+
     /// Checks every field and reports all problems together.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let mut p = Vec::new();
@@ -467,7 +583,10 @@ impl JobConfig {
             p.push(format!("model.family = {:?}: known families are {:?}", self.model.family, FAMILIES));
         } else if self.model.family == "clip" && !CLIP_PRESETS.contains(&self.model.preset.as_str()) {
             p.push(format!("model.preset = {:?}: CLIP presets are {:?}", self.model.preset, CLIP_PRESETS));
+        } else if self.model.has_momentum() && !MOMENTUM_PRESETS.contains(&self.model.preset.as_str()) {
+            p.push(format!("model.preset = {:?}: {} presets are {:?}", self.model.preset, self.model.family, MOMENTUM_PRESETS));
         }
+        self.validate_momentum(&mut p);
         if self.data.train.is_empty() {
             p.push("data.train is empty: give the manifest written by `braid data index`".into());
         }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use braid::data::tokenizer::load_tokenizer;
-use braid::trainer::{clip_config, ClipTrainer};
+use braid::trainer::{clip_config, Trainer};
 use braid_coordinator::config::JobConfig;
 use braid_tests::{
     braid_run, copy_dir, latest_manifest, read_checkpoint, read_latest_checkpoint, read_logs, relative_difference,
@@ -39,7 +39,7 @@ fn initial_model(job: &Path) -> BTreeMap<String, Tensor> {
     let config = JobConfig::load(job).expect("a valid job file");
     let tokenizer = load_tokenizer(&config.data.tokenizer).expect("the job's tokenizer");
     let clip = clip_config(&config, tokenizer.vocab_size() as i64).expect("a CLIP preset");
-    let trainer = ClipTrainer::new(&config, clip, tch::Device::Cpu).expect("a trainer");
+    let trainer = Trainer::new(&config, clip, tch::Device::Cpu).expect("a trainer");
     trainer.state().into_iter().filter(|(name, _)| name.starts_with("model.")).collect()
 }
 

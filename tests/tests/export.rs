@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use braid::export::init_from_open_clip;
 use braid::models::clip::Clip;
-use braid::trainer::{clip_config, ClipTrainer};
+use braid::trainer::{clip_config, Trainer};
 use braid_coordinator::config::JobConfig;
 use braid_tests::{
     braid, braid_run, python, read_checkpoint, read_latest_checkpoint, read_logs, synth_data, with_prefix,
@@ -132,9 +132,9 @@ fn exported_checkpoint_matches_open_clip_transformers_and_init_from() {
     let hf = read_named(&reference.join("hf.safetensors"));
 
     let config = JobConfig::load(&job).unwrap();
-    let (trained, step) = braid::eval::load_checkpoint(&config, CLIP_BPE_VOCAB, Some(s(&root)), Device::Cpu).unwrap();
+    let (trained, step) = braid::eval::load_checkpoint(&config, &braid::data::tokenizer::ClipBpe::new(), Some(s(&root)), Device::Cpu).unwrap();
     assert_eq!(step, 9);
-    let (image, text) = embed(trained.model(), &inputs);
+    let (image, text) = embed(trained.clip().unwrap(), &inputs);
     for (name, got) in [("image_features", &image), ("text_features", &text)] {
         let d = max_abs_diff(got, &open_clip[name]);
         println!(
@@ -150,11 +150,11 @@ fn exported_checkpoint_matches_open_clip_transformers_and_init_from() {
     let mut other = config.clone();
     other.job.seed += 1;
     let clip = clip_config(&other, CLIP_BPE_VOCAB).unwrap();
-    let mut fresh = ClipTrainer::new(&other, clip, Device::Cpu).unwrap();
-    let (before, _) = embed(fresh.model(), &inputs);
+    let mut fresh = Trainer::new(&other, clip, Device::Cpu).unwrap();
+    let (before, _) = embed(fresh.clip().unwrap(), &inputs);
     assert!(!before.equal(&image), "a differently seeded model already gives the trained embeddings");
     init_from_open_clip(&mut fresh, s(&open_clip_file)).unwrap();
-    let (image_b, text_b) = embed(fresh.model(), &inputs);
+    let (image_b, text_b) = embed(fresh.clip().unwrap(), &inputs);
     assert!(image_b.equal(&image) && text_b.equal(&text), "init_from does not reproduce the checkpoint's embeddings");
 }
 
@@ -251,7 +251,7 @@ fn a_job_starts_from_init_from() {
     let config = JobConfig::parse(&job.to_toml(), "init-from job").unwrap();
     let mut source_config = config.clone();
     source_config.job.seed = 123;
-    let source = ClipTrainer::new(&source_config, clip_config(&config, CLIP_BPE_VOCAB).unwrap(), Device::Cpu).unwrap();
+    let source = Trainer::new(&source_config, clip_config(&config, CLIP_BPE_VOCAB).unwrap(), Device::Cpu).unwrap();
     let weights: Vec<(String, Tensor)> =
         source.state().into_iter().filter_map(|(n, t)| n.strip_prefix("model.").map(|n| (n.to_string(), t))).collect();
     let init = dir.path().join("init.safetensors");

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::{RingCollective, RingListener};
-use crate::trainer::{clip_config, ClipTrainer, DeviceBatch, TrainError};
+use crate::trainer::{clip_config, Trainer, DeviceBatch, TrainError};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -122,6 +122,7 @@ fn synthetic_batch(batch: usize, image_size: i64, context: i64, vocab_size: i64,
         tokens: Tensor::randint_low(1, vocab_size - 1, [b, context], (Kind::Int64, device)),
         eot_index: Tensor::full([b], context - 1, (Kind::Int64, device)),
         valid: Tensor::ones([b], (Kind::Bool, device)),
+        positions: Tensor::arange(b, (Kind::Int64, Device::Cpu)),
     })
 }
 
@@ -135,7 +136,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     }
     let config = bench_config(options)?;
     let clip = clip_config(&config, options.vocab_size)?;
-    let mut trainer = ClipTrainer::new(&config, clip, options.device)?;
+    let mut trainer = Trainer::new(&config, clip, options.device)?;
     let (listener, _) = RingListener::bind("127.0.0.1:0")?;
     let mut coll = RingCollective::connect(listener, 0, 1, &["127.0.0.1:0".to_string()], 0, std::time::Duration::from_secs(60))?;
 
@@ -156,7 +157,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     let mut losses = Vec::with_capacity(options.steps);
     for step in 0..options.steps {
         let t0 = Instant::now();
-        let (loss, _) = trainer.compute_gradients(&batch, &mut coll)?;
+        let (loss, _) = trainer.compute_gradients((options.warmup + step) as u64, &batch, &mut coll)?;
         sync();
         let t1 = Instant::now();
         trainer.apply_update((options.warmup + step) as u64)?;
@@ -262,7 +263,7 @@ pub fn run_checkpoint_bench(
     let config = JobConfig::parse(&text, "bench")?;
     config.validate("bench options")?;
     let clip = clip_config(&config, 49408)?;
-    let mut trainer = ClipTrainer::new(&config, clip, device)?;
+    let mut trainer = Trainer::new(&config, clip, device)?;
     let store = CheckpointStore::open(url)?;
     let (listener, _) = RingListener::bind("127.0.0.1:0")?;
     let mut coll = RingCollective::connect(listener, 0, 1, &["127.0.0.1:0".to_string()], 0, std::time::Duration::from_secs(60))?;
@@ -291,7 +292,7 @@ pub fn run_checkpoint_bench(
         let t0 = Instant::now();
         let copying = uploader.submit(step, &format!("async-{round}"), 0, trainer.state(), keep_parts).ok_or("the uploader is busy")?;
         let submitted = t0.elapsed();
-        trainer.compute_gradients(&synthetic, &mut coll)?;
+        trainer.compute_gradients(step, &synthetic, &mut coll)?;
         let t1 = Instant::now();
         copying.wait();
         blocked.push((submitted + t1.elapsed()).as_secs_f64());

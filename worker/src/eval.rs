@@ -1,8 +1,14 @@
-//! Held-out evaluation of a CLIP model: image-text retrieval recall@K and zero-shot
-//! classification with prompt templates, each printed next to its chance level.
+//! Held-out evaluation of a dual-encoder model (CLIP, and the contrastive features of ALBEF):
+//! image-text retrieval recall@K, zero-shot classification with prompt templates and, for
+//! models with an image-text matching head, ITM accuracy, each printed next to its chance level.
 //!
 //! Retrieval counts a hit when a retrieved item carries the same caption as the query's pair
 //! (synthetic and web data repeat captions, so the paired index alone would undercount).
+//!
+//! ITM accuracy scores each held-out pair and one hard negative: the caption of another scene
+//! (a different caption) that the contrastive features rank closest to the image within its
+//! evaluation batch. A pair counts as right when the ITM head's match probability is above 0.5
+//! for the true caption and below it for the negative; chance is 50%.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +17,66 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::tokenizer::TextTokenizer;
+use crate::models::albef::Albef;
 use crate::models::clip::Clip;
+
+/// What held-out evaluation needs from a model: L2-normalised image and caption features in one
+/// space, and the match logits of its ITM head where it has one.
+pub trait EvalModel {
+    /// Features `[B, E]` of images `[B, 3, H, W]`.
+    fn image_features(&self, images: &Tensor) -> Tensor;
+    /// Features `[B, E]` of captions `[B, L]` whose last token is at `eot_index`.
+    fn text_features(&self, tokens: &Tensor, eot_index: &Tensor) -> Tensor;
+    /// ITM logits `[B, 2]` (column 1: match) of the pairs `(images[i], tokens[i])`, or `None`
+    /// for a model without an ITM head.
+    fn match_logits(&self, _images: &Tensor, _tokens: &Tensor, _eot_index: &Tensor) -> Option<Tensor> {
+        None
+    }
+    /// Device of the parameters.
+    fn device(&self) -> Device;
+}
+
+impl EvalModel for Clip {
+    fn image_features(&self, images: &Tensor) -> Tensor {
+        self.encode_image(images)
+    }
+
+    fn text_features(&self, tokens: &Tensor, eot_index: &Tensor) -> Tensor {
+        self.encode_text(tokens, eot_index)
+    }
+
+    fn device(&self) -> Device {
+        self.logit_scale.device()
+    }
+}
+
+impl EvalModel for Albef {
+    fn image_features(&self, images: &Tensor) -> Tensor {
+        self.image_feature(&self.encode_image(images))
+    }
+
+    fn text_features(&self, tokens: &Tensor, eot_index: &Tensor) -> Tensor {
+        let mask = attention_mask(tokens, eot_index);
+        self.text_feature(&self.encode_text(tokens, &mask))
+    }
+
+    fn match_logits(&self, images: &Tensor, tokens: &Tensor, eot_index: &Tensor) -> Option<Tensor> {
+        let mask = attention_mask(tokens, eot_index);
+        let fused = self.fuse(&self.encode_text(tokens, &mask), &mask, &self.encode_image(images));
+        Some(self.itm_logits(&fused))
+    }
+
+    fn device(&self) -> Device {
+        self.temp.device()
+    }
+}
+
+/// A BERT-style attention mask `[B, L]`: 1 up to and including `eot_index`, 0 after.
+fn attention_mask(tokens: &Tensor, eot_index: &Tensor) -> Tensor {
+    let context = tokens.size()[1];
+    let index = Tensor::arange(context, (Kind::Int64, tokens.device())).unsqueeze(0);
+    index.le_tensor(&eot_index.unsqueeze(1)).to_kind(Kind::Int64)
+}
 
 /// Recall at 1, 5 and 10 of one retrieval direction, with the chance level of recall@1.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -39,6 +104,9 @@ pub struct EvalReport {
     pub zero_shot_top1: Option<f64>,
     /// Chance level of zero-shot accuracy (1 / classes).
     pub zero_shot_chance: Option<f64>,
+    /// ITM accuracy on held-out pairs and their hard negatives (chance 0.5), for models with
+    /// an ITM head.
+    pub itm_accuracy: Option<f64>,
 }
 
 /// Class names and prompt templates (`classes.json`).
@@ -91,6 +159,25 @@ pub fn caption_groups(captions: &[String]) -> Vec<usize> {
         .collect()
 }
 
+/// One evaluation batch as [`EmbeddedSet::push_itm`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct MatchBatch<'a> {
+    /// Images `[B, 3, H, W]`.
+    pub images: &'a Tensor,
+    /// Caption tokens `[B, L]`.
+    pub tokens: &'a Tensor,
+    /// Last token of each caption `[B]`.
+    pub eot_index: &'a Tensor,
+    /// Image features `[B, E]`.
+    pub image: &'a Tensor,
+    /// Caption features `[B, E]`.
+    pub text: &'a Tensor,
+    /// Caption texts.
+    pub captions: &'a [String],
+    /// Which samples count.
+    pub valid: &'a [bool],
+}
+
 /// Embeddings of the held-out set, accumulated batch by batch.
 #[derive(Debug, Default)]
 pub struct EmbeddedSet {
@@ -98,6 +185,8 @@ pub struct EmbeddedSet {
     text: Vec<Tensor>,
     captions: Vec<String>,
     classes: Vec<i64>,
+    /// ITM decisions that were right, and how many were made.
+    itm: Option<(usize, usize)>,
 }
 
 impl EmbeddedSet {
@@ -123,8 +212,48 @@ impl EmbeddedSet {
         self.captions.is_empty()
     }
 
-    /// Retrieval both ways, and zero-shot accuracy when `prompts` are given.
-    pub fn report(&self, model: &Clip, tokenizer: &Arc<dyn TextTokenizer>, prompts: Option<&ClassPrompts>) -> EvalReport {
+    /// Adds the ITM decisions of one batch: each valid pair and its hardest in-batch negative
+    /// caption (another caption text, ranked closest to the image by `image`/`text` features).
+    pub fn push_itm(&mut self, model: &dyn EvalModel, batch: MatchBatch<'_>) {
+        let MatchBatch { images, tokens, eot_index, image, text, captions, valid } = batch;
+        let keep: Vec<usize> = (0..valid.len()).filter(|&i| valid[i]).collect();
+        let groups = caption_groups(captions);
+        let similarity = image.matmul(&text.transpose(0, 1)).to_kind(Kind::Double).to_device(Device::Cpu);
+        let mut negatives = Vec::new();
+        let mut rows = Vec::new();
+        for &i in &keep {
+            let row = Vec::<f64>::try_from(similarity.get(i as i64)).expect("fp64 similarities");
+            let best = keep.iter().copied().filter(|&j| groups[j] != groups[i]).max_by(|&a, &b| row[a].total_cmp(&row[b]));
+            if let Some(j) = best {
+                rows.push(i as i64);
+                negatives.push(j as i64);
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let device = images.device();
+        let rows_t = Tensor::from_slice(&rows).to_device(device);
+        let negatives_t = Tensor::from_slice(&negatives).to_device(device);
+        let pair_images = images.index_select(0, &rows_t).repeat([2, 1, 1, 1]);
+        let pair_tokens = Tensor::cat(&[tokens.index_select(0, &rows_t), tokens.index_select(0, &negatives_t)], 0);
+        let pair_eot = Tensor::cat(&[eot_index.index_select(0, &rows_t), eot_index.index_select(0, &negatives_t)], 0);
+        let Some(logits) = tch::no_grad(|| model.match_logits(&pair_images, &pair_tokens, &pair_eot)) else {
+            return;
+        };
+        let predicted_match = logits.argmax(1, false).eq(1).to_device(Device::Cpu);
+        let predicted = Vec::<bool>::try_from(predicted_match).expect("bool decisions");
+        let n = rows.len();
+        let right = predicted[..n].iter().filter(|&&m| m).count() + predicted[n..].iter().filter(|&&m| !m).count();
+        let (correct, total) = self.itm.get_or_insert((0, 0));
+        *correct += right;
+        *total += 2 * n;
+    }
+
+    /// Retrieval both ways, zero-shot accuracy when `prompts` are given, and ITM accuracy when
+    /// ITM decisions were added.
+    /// `context` is the caption length the prompts are tokenized to.
+    pub fn report(&self, model: &dyn EvalModel, tokenizer: &Arc<dyn TextTokenizer>, prompts: Option<&ClassPrompts>, context: usize) -> EvalReport {
         let image = Tensor::cat(&self.image, 0);
         let text = Tensor::cat(&self.text, 0);
         let groups = caption_groups(&self.captions);
@@ -133,12 +262,13 @@ impl EmbeddedSet {
             samples: self.len(),
             image_to_text: recall_at_k(&similarity, &groups, &groups),
             text_to_image: recall_at_k(&similarity.transpose(0, 1), &groups, &groups),
+            itm_accuracy: self.itm.filter(|(_, total)| *total > 0).map(|(correct, total)| correct as f64 / total as f64),
             ..Default::default()
         };
         if let Some(prompts) = prompts {
             let labelled: Vec<usize> = (0..self.len()).filter(|&i| self.classes[i] >= 0).collect();
             if !labelled.is_empty() && !prompts.classes.is_empty() {
-                let weights = class_embeddings(model, tokenizer, prompts);
+                let weights = class_embeddings(model, tokenizer, prompts, context);
                 let index = Tensor::from_slice(&labelled.iter().map(|&i| i as i64).collect::<Vec<_>>());
                 let predicted = image.index_select(0, &index).matmul(&weights.transpose(0, 1)).argmax(1, false);
                 let truth = Tensor::from_slice(&labelled.iter().map(|&i| self.classes[i]).collect::<Vec<_>>());
@@ -152,10 +282,8 @@ impl EmbeddedSet {
 }
 
 /// One normalised text embedding per class: the mean over templates, renormalised.
-pub fn class_embeddings(model: &Clip, tokenizer: &Arc<dyn TextTokenizer>, prompts: &ClassPrompts) -> Tensor {
-    let context = model.text.config().context_length as usize;
-    let device = model.logit_scale.device();
-    let kind = model.logit_scale.kind();
+pub fn class_embeddings(model: &dyn EvalModel, tokenizer: &Arc<dyn TextTokenizer>, prompts: &ClassPrompts, context: usize) -> Tensor {
+    let device = model.device();
     let rows: Vec<Tensor> = prompts
         .classes
         .iter()
@@ -165,7 +293,8 @@ pub fn class_embeddings(model: &Clip, tokenizer: &Arc<dyn TextTokenizer>, prompt
             let eot: Vec<i64> = encoded.iter().map(|e| e.eot_index as i64).collect();
             let tokens = Tensor::from_slice(&ids).view([encoded.len() as i64, context as i64]).to_device(device);
             let eot = Tensor::from_slice(&eot).to_device(device);
-            let mean = tch::no_grad(|| model.encode_text(&tokens, &eot)).mean_dim([0i64].as_slice(), false, kind);
+            let features = tch::no_grad(|| model.text_features(&tokens, &eot));
+            let mean = features.mean_dim([0i64].as_slice(), false, features.kind());
             crate::models::clip::normalize(&mean.unsqueeze(0)).squeeze_dim(0)
         })
         .collect();
@@ -188,6 +317,9 @@ impl std::fmt::Display for EvalReport {
         }
         if let (Some(acc), Some(chance)) = (self.zero_shot_top1, self.zero_shot_chance) {
             writeln!(f, "zero-shot top-1: {:.1}% (chance {:.1}%)", 100.0 * acc, 100.0 * chance)?;
+        }
+        if let Some(acc) = self.itm_accuracy {
+            writeln!(f, "ITM accuracy (true caption vs hardest in-batch negative): {:.1}% (chance 50.0%)", 100.0 * acc)?;
         }
         Ok(())
     }
@@ -265,10 +397,10 @@ pub struct EvalOptions {
 /// Loads a committed checkpoint into a fresh model; returns the trainer and the step.
 pub fn load_checkpoint(
     config: &braid_coordinator::config::JobConfig,
-    vocab_size: i64,
+    tokenizer: &dyn TextTokenizer,
     checkpoint: Option<&str>,
     device: Device,
-) -> Result<(crate::trainer::ClipTrainer, u64), EvalError> {
+) -> Result<(crate::trainer::Trainer, u64), EvalError> {
     let url = checkpoint.or(config.checkpoint.url.as_deref()).ok_or(EvalError::NoCheckpoint)?;
     let (root, manifest_ref) = match url.strip_suffix("/manifest.json") {
         Some(step_dir) => {
@@ -283,8 +415,8 @@ pub fn load_checkpoint(
     };
     let store = crate::checkpoint::CheckpointStore::open(&root)?;
     let (manifest, tensors) = store.read_checkpoint(&manifest_ref)?;
-    let clip = crate::trainer::clip_config(config, vocab_size).map_err(crate::trainer::TrainError::from)?;
-    let mut trainer = crate::trainer::ClipTrainer::new(config, clip, device)?;
+    let spec = crate::trainer::model_spec(config, tokenizer)?;
+    let mut trainer = crate::trainer::Trainer::new(config, spec, device)?;
     trainer.load_state(tensors, &format!("{root}/{manifest_ref}"))?;
     Ok((trainer, manifest.step))
 }
@@ -294,14 +426,18 @@ pub fn evaluate(config: &braid_coordinator::config::JobConfig, options: &EvalOpt
     use crate::data::loader::{Loader, LoaderOptions};
     let data_url = options.data.clone().or_else(|| config.data.eval.clone()).ok_or(EvalError::NoData)?;
     let tokenizer = crate::data::tokenizer::load_tokenizer(&config.data.tokenizer)?;
-    let (trainer, _) = load_checkpoint(config, tokenizer.vocab_size() as i64, options.checkpoint.as_deref(), options.device)?;
-    let model = trainer.model();
+    let (trainer, _) = load_checkpoint(config, tokenizer.as_ref(), options.checkpoint.as_deref(), options.device)?;
+    let model: &dyn EvalModel = match (trainer.clip(), trainer.albef()) {
+        (Some(clip), _) => clip,
+        (_, Some(albef)) => &albef.model,
+        _ => unreachable!("every family is evaluated"),
+    };
+    let (image_size, context) = (trainer.spec().image_size(), trainer.spec().context_length());
     let manifest = Arc::new(crate::data::store::load_manifest(&data_url)?);
     let total = manifest.num_samples();
     let batch = options.batch.max(1);
     let steps = total.div_ceil(batch as u64);
     let plan = braid_coordinator::plan::SamplePlan::new(manifest, config.job.seed, config.data.shuffle_window_shards);
-    let clip = model.config();
     let mut loader = Loader::new(LoaderOptions {
         plan,
         manifest_url: data_url.clone(),
@@ -310,8 +446,8 @@ pub fn evaluate(config: &braid_coordinator::config::JobConfig, options: &EvalOpt
         global_batch: batch,
         start_step: 0,
         end_step: steps,
-        image_size: clip.vision.image_size as usize,
-        context_length: clip.text.context_length as usize,
+        image_size: image_size as usize,
+        context_length: context as usize,
         tokenizer: tokenizer.clone(),
         decode_threads: config.data.decode_threads,
         prefetch_batches: config.data.prefetch_batches,
@@ -329,16 +465,15 @@ pub fn evaluate(config: &braid_coordinator::config::JobConfig, options: &EvalOpt
         // The last batch runs into the next epoch: keep each sample once.
         let valid: Vec<bool> = b.valid.iter().zip(&b.positions).map(|(v, p)| *v && *p < total).collect();
         let n = b.valid.len() as i64;
-        let size = clip.vision.image_size;
-        let images = Tensor::from_slice(&b.images).view([n, 3, size, size]).to_kind(kind).to_device(options.device);
-        let context = clip.text.context_length;
+        let images = Tensor::from_slice(&b.images).view([n, 3, image_size, image_size]).to_kind(kind).to_device(options.device);
         let tokens = Tensor::from_slice(&b.tokens).view([n, context]).to_device(options.device);
         let eot = Tensor::from_slice(&b.eot_index).to_device(options.device);
-        let (image, text) = tch::no_grad(|| (model.encode_image(&images), model.encode_text(&tokens, &eot)));
+        let (image, text) = tch::no_grad(|| (model.image_features(&images), model.text_features(&tokens, &eot)));
+        set.push_itm(model, MatchBatch { images: &images, tokens: &tokens, eot_index: &eot, image: &image, text: &text, captions: &b.captions, valid: &valid });
         set.push(image, text, &b.captions, &b.classes, &valid);
     }
     let prompts = class_prompts(config, &data_url)?;
-    Ok(set.report(model, &tokenizer, prompts.as_ref()))
+    Ok(set.report(model, &tokenizer, prompts.as_ref(), context as usize))
 }
 
 /// Reads `[data] classes`, or `classes.json` in the folder above the held-out manifest.

@@ -34,7 +34,7 @@ use crate::data::tokenizer::{load_tokenizer, TextTokenizer, TokenizerError};
 use crate::models::clip::ClipConfig;
 use crate::models::layers::{Activation, TransformerShape};
 use crate::models::ModelError;
-use crate::trainer::{clip_config, ClipTrainer, TrainError};
+use crate::trainer::{clip_config, Trainer, TrainError};
 
 /// Prefix of the model's tensors in a checkpoint.
 pub const MODEL_PREFIX: &str = "model.";
@@ -533,9 +533,13 @@ pub fn load_open_clip_weights(location: &str) -> Result<Vec<(String, Tensor)>> {
 /// Starts `trainer` from the open_clip-layout weights at `location` (`[model] init_from`):
 /// the file must hold exactly the model's tensors with its shapes; the optimizer state stays
 /// fresh.
-pub fn init_from_open_clip(trainer: &mut ClipTrainer, location: &str) -> Result<()> {
+pub fn init_from_open_clip(trainer: &mut Trainer, location: &str) -> Result<()> {
     let weights = load_open_clip_weights(location)?;
-    check_weights(&weights, trainer.model().config(), location)?;
+    let clip = trainer.clip().ok_or_else(|| ExportError::Weights {
+        origin: location.to_string(),
+        reason: format!("open_clip weights start a CLIP model; this job trains {}", trainer.spec().family()),
+    })?;
+    check_weights(&weights, clip.config(), location)?;
     trainer.load_weights(&weights, location)?;
     Ok(())
 }
@@ -833,7 +837,7 @@ mod tests {
     #[test]
     fn open_clip_weights_round_trip_into_a_trainer() {
         let config = tiny(Activation::Gelu);
-        let source = ClipTrainer::new(&job(7), config, Device::Cpu).unwrap();
+        let source = Trainer::new(&job(7), config, Device::Cpu).unwrap();
         let weights: Vec<(String, Tensor)> = source
             .state()
             .into_iter()
@@ -843,7 +847,7 @@ mod tests {
         let file = dir.path().join("w.safetensors");
         write_open_clip(&weights, file.to_str().unwrap()).unwrap();
 
-        let mut target = ClipTrainer::new(&job(8), config, Device::Cpu).unwrap();
+        let mut target = Trainer::new(&job(8), config, Device::Cpu).unwrap();
         init_from_open_clip(&mut target, file.to_str().unwrap()).unwrap();
         let got: std::collections::HashMap<String, Tensor> = target.state().into_iter().collect();
         for (name, t) in &weights {
@@ -851,7 +855,7 @@ mod tests {
         }
 
         let shorter = ClipConfig::preset("tiny", 49408, Some(16), Activation::Gelu).unwrap();
-        let mut wrong = ClipTrainer::new(&job(9), shorter, Device::Cpu).unwrap();
+        let mut wrong = Trainer::new(&job(9), shorter, Device::Cpu).unwrap();
         let err = init_from_open_clip(&mut wrong, file.to_str().unwrap()).unwrap_err().to_string();
         assert!(err.contains("w.safetensors") && err.contains("\"positional_embedding\" has shape [32, 64]"), "{err}");
         let missing = dir.path().join("missing.safetensors");

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use braid::collective::{RingCollective, RingListener};
-use braid::trainer::{clip_config, seeded, ClipTrainer, DeviceBatch};
+use braid::trainer::{clip_config, seeded, Trainer, DeviceBatch};
 use braid_coordinator::config::JobConfig;
 use tch::{Device, Kind, Tensor};
 
@@ -31,11 +31,12 @@ fn batch(kind: Kind) -> DeviceBatch {
         tokens: Tensor::randint_low(1, VOCAB, [BATCH, 8], (Kind::Int64, Device::Cpu)),
         eot_index: Tensor::randint_low(2, 8, [BATCH], (Kind::Int64, Device::Cpu)),
         valid: Tensor::ones([BATCH], (Kind::Bool, Device::Cpu)),
+        positions: Tensor::arange(BATCH, (Kind::Int64, Device::Cpu)),
     })
 }
 
-fn trainer(config: &JobConfig) -> ClipTrainer {
-    ClipTrainer::new(config, clip_config(config, VOCAB).unwrap(), Device::Cpu).unwrap()
+fn trainer(config: &JobConfig) -> Trainer {
+    Trainer::new(config, clip_config(config, VOCAB).unwrap(), Device::Cpu).unwrap()
 }
 
 fn single_rank() -> RingCollective {
@@ -47,7 +48,7 @@ fn single_rank() -> RingCollective {
 fn gradients(config: &JobConfig) -> (f64, Vec<(String, Tensor)>) {
     let mut trainer = trainer(config);
     let batch = batch(trainer.compute_kind());
-    let (loss, _) = trainer.compute_gradients(&batch, &mut single_rank()).unwrap();
+    let (loss, _) = trainer.compute_gradients(0, &batch, &mut single_rank()).unwrap();
     (loss, trainer.named_grads().into_iter().map(|(n, g)| (n, g.copy())).collect())
 }
 
@@ -95,7 +96,7 @@ fn checkpointed_forward_keeps_no_graph_through_the_blocks() {
     let config = job("fp64", 0, true);
     let trainer = trainer(&config);
     let batch = batch(Kind::Double);
-    let model = trainer.model();
+    let model = trainer.clip().unwrap();
     let image = model.encode_image_checkpointed(&batch.images);
     let text = model.encode_text_checkpointed(&batch.tokens, &batch.eot_index);
     (image.output().sum(Kind::Double) + text.output().sum(Kind::Double)).backward();

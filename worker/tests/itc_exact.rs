@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use braid::collective::{RingCollective, RingListener};
-use braid::trainer::{clip_config, seeded, ClipTrainer, DeviceBatch};
+use braid::trainer::{clip_config, seeded, Trainer, DeviceBatch};
 use braid_coordinator::config::JobConfig;
 use tch::{Device, Kind, Tensor};
 
@@ -28,6 +28,7 @@ fn global_batch() -> DeviceBatch {
         tokens: Tensor::randint_low(1, VOCAB, [BATCH, 8], (Kind::Int64, Device::Cpu)),
         eot_index: Tensor::randint_low(2, 8, [BATCH], (Kind::Int64, Device::Cpu)),
         valid: Tensor::ones([BATCH], (Kind::Bool, Device::Cpu)),
+        positions: Tensor::arange(BATCH, (Kind::Int64, Device::Cpu)),
     })
 }
 
@@ -35,9 +36,9 @@ fn global_batch() -> DeviceBatch {
 /// columns of `exp(s) * I T^T`, gradients by plain autograd.
 fn reference() -> (f64, Vec<(String, Tensor)>) {
     let config = job(0);
-    let mut trainer = ClipTrainer::new(&config, clip_config(&config, VOCAB).unwrap(), Device::Cpu).unwrap();
+    let mut trainer = Trainer::new(&config, clip_config(&config, VOCAB).unwrap(), Device::Cpu).unwrap();
     let batch = global_batch();
-    let model = trainer.model();
+    let model = trainer.clip().unwrap();
     let image = model.encode_image(&batch.images);
     let text = model.encode_text(&batch.tokens, &batch.eot_index);
     let logits = image.matmul(&text.transpose(0, 1)) * model.logit_scale.exp();
@@ -63,10 +64,10 @@ fn distributed(world_size: usize, max_micro_batch: usize) -> Vec<(f64, Vec<(Stri
             std::thread::spawn(move || {
                 let mut coll = RingCollective::connect(listener, rank, world_size, &endpoints, 1, Duration::from_secs(20)).unwrap();
                 let config = job(max_micro_batch);
-                let mut trainer = ClipTrainer::new(&config, clip_config(&config, VOCAB).unwrap(), Device::Cpu).unwrap();
+                let mut trainer = Trainer::new(&config, clip_config(&config, VOCAB).unwrap(), Device::Cpu).unwrap();
                 let per_rank = BATCH / world_size as i64;
                 let batch = global_batch().narrow(rank as i64 * per_rank, per_rank);
-                let (loss, samples) = trainer.compute_gradients(&batch, &mut coll).unwrap();
+                let (loss, samples) = trainer.compute_gradients(0, &batch, &mut coll).unwrap();
                 assert_eq!(samples, BATCH as u64);
                 let grads = trainer.named_grads().into_iter().map(|(n, g)| (n, g.copy())).collect();
                 (loss, grads)

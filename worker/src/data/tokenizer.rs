@@ -33,6 +33,11 @@ pub trait TextTokenizer: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// What this tokenizer is, for logs and checkpoint metadata.
     fn name(&self) -> String;
+    /// The tokenizer as a Hugging Face `tokenizer.json` (BERT-style families read its special
+    /// tokens), if it is one.
+    fn as_hf(&self) -> Option<&HfTokenizer> {
+        None
+    }
 }
 
 /// Why a tokenizer could not be loaded.
@@ -824,6 +829,10 @@ impl TextTokenizer for HfTokenizer {
 
     fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
+    }
+
+    fn as_hf(&self) -> Option<&HfTokenizer> {
+        Some(self)
     }
 
     fn name(&self) -> String {

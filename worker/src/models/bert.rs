@@ -300,9 +300,22 @@ impl BertLayer {
         self.crossattention.is_some()
     }
 
-    /// Applies the layer to `x` [batch, n, width] with prepared masks (see [`BertAttention::forward`]).
-    fn forward(&self, x: &Tensor, self_mask: Option<&Tensor>, causal: bool, encoder: Option<(&Tensor, Option<&Tensor>)>) -> Tensor {
-        let mut x = self.attention.forward(x, x, self_mask, causal);
+    /// The layer's self-attention (`attention.*`).
+    pub fn self_attention(&self) -> &BertAttention {
+        &self.attention
+    }
+
+    /// Applies the layer to `x` [batch, n, width] with prepared masks (see [`BertAttention::forward`]),
+    /// through `self_attention` in place of the layer's own (BLIP's decoder) when given.
+    fn forward(
+        &self,
+        x: &Tensor,
+        self_attention: Option<&BertAttention>,
+        self_mask: Option<&Tensor>,
+        causal: bool,
+        encoder: Option<(&Tensor, Option<&Tensor>)>,
+    ) -> Tensor {
+        let mut x = self_attention.unwrap_or(&self.attention).forward(x, x, self_mask, causal);
         if let (Some(cross), Some((states, mask))) = (&self.crossattention, encoder) {
             x = cross.forward(&x, states, mask, false);
         }
@@ -379,6 +392,41 @@ impl BertModel {
         encoder: Option<EncoderStates>,
         causal: bool,
     ) -> Tensor {
+        self.run_layers(x, layers, None, attention_mask, encoder, causal)
+    }
+
+    /// [`BertModel::forward_layers`] with every layer's self-attention replaced by
+    /// `self_attention[i]` (one per layer of the model, indexed like [`BertModel::layers`]); the
+    /// cross-attention and feed-forward networks stay the model's. BLIP's decoder is the MED
+    /// encoder run this way with its own (causal) self-attention modules.
+    pub fn forward_layers_with_self_attention(
+        &self,
+        x: &Tensor,
+        layers: Range<usize>,
+        self_attention: &[BertAttention],
+        attention_mask: Option<&Tensor>,
+        encoder: Option<EncoderStates>,
+        causal: bool,
+    ) -> Tensor {
+        assert_eq!(
+            self_attention.len(),
+            self.layers.len(),
+            "one self-attention per layer of a {}-layer model",
+            self.layers.len()
+        );
+        self.run_layers(x, layers, Some(self_attention), attention_mask, encoder, causal)
+    }
+
+    /// Runs `layers` with prepared masks, through `self_attention[i]` for layer `i` when given.
+    fn run_layers(
+        &self,
+        x: &Tensor,
+        layers: Range<usize>,
+        self_attention: Option<&[BertAttention]>,
+        attention_mask: Option<&Tensor>,
+        encoder: Option<EncoderStates>,
+        causal: bool,
+    ) -> Tensor {
         assert!(layers.end <= self.layers.len(), "layers {layers:?} of a {}-layer model", self.layers.len());
         let (_, n, _) = x.size3().expect("hidden states are [batch, tokens, width]");
         let keep_keys = |mask: &Tensor| mask.ne(0).unsqueeze(1).unsqueeze(1);
@@ -393,9 +441,10 @@ impl BertModel {
         };
         let cross_mask = encoder.and_then(|e| e.mask).map(keep_keys);
         let cross = encoder.map(|e| (e.states, cross_mask.as_ref()));
-        self.layers[layers]
-            .iter()
-            .fold(x.shallow_clone(), |x, layer| layer.forward(&x, self_mask.as_ref(), self_causal, cross))
+        layers.fold(x.shallow_clone(), |x, i| {
+            let attention = self_attention.map(|modules| &modules[i]);
+            self.layers[i].forward(&x, attention, self_mask.as_ref(), self_causal, cross)
+        })
     }
 }
 

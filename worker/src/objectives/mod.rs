@@ -2,5 +2,7 @@
 
 pub mod distill;
 pub mod itc;
+pub mod itm;
+pub mod mlm;
 pub mod momentum;
 pub mod queue;

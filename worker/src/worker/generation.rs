@@ -19,8 +19,7 @@ use crate::checkpoint::CheckpointStore;
 use crate::collective::{connect_collective, Collective, CollectiveError, Engine, Rendezvous, RingListener};
 use crate::data::loader::{CorruptSample, Loader, LoaderOptions};
 use crate::data::{store, tokenizer};
-use crate::models::clip::ClipConfig;
-use crate::trainer::{ClipTrainer, DeviceBatch};
+use crate::trainer::{DeviceBatch, ModelSpec, Trainer};
 
 /// How a generation ended for this worker.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +33,7 @@ pub enum GenerationEnd {
 /// What a worker keeps from one generation to the next.
 pub struct Held {
     /// The model and optimizer.
-    pub trainer: ClipTrainer,
+    pub trainer: Trainer,
     /// The last step whose update `trainer` holds; `None` before the first step.
     pub step: Option<u64>,
     /// True while `trainer` holds its seeded initial values.
@@ -54,7 +53,7 @@ pub struct WorkerContext<'a> {
     /// The tokenizer.
     pub tokenizer: &'a Arc<dyn tokenizer::TextTokenizer>,
     /// The model's shape.
-    pub clip: ClipConfig,
+    pub spec: ModelSpec,
     /// This worker's ring endpoint as advertised to peers.
     pub endpoint: &'a str,
     /// The checkpoint root, if the job has one.
@@ -135,9 +134,9 @@ pub fn run_generation(
     };
     let (start, total) = (plan_reply.start_step, plan_reply.total_steps);
 
-    let clip = ctx.clip;
+    let spec = &ctx.spec;
     let origin = state_sync::restore(&plan_reply, &mut held.trainer, held.pristine, coll.as_mut(), config, ctx.checkpoints, || {
-        ClipTrainer::new(config, clip, device)
+        Trainer::new(config, spec.clone(), device)
     })?;
     held.step = start.checked_sub(1);
     held.pristine = origin == Origin::Fresh;
@@ -147,6 +146,7 @@ pub fn run_generation(
     }
 
     let manifest = Arc::new(store::load_manifest(&plan_reply.manifest_url)?);
+    held.trainer.set_epoch_steps(manifest.num_samples().div_ceil(config.train.global_batch.max(1) as u64));
     let plan = SamplePlan::new(manifest, plan_reply.seed, config.data.shuffle_window_shards);
     let corrupt_client = client.clone();
     let handle = runtime.handle().clone();
@@ -164,8 +164,8 @@ pub fn run_generation(
         global_batch,
         start_step: start,
         end_step: total,
-        image_size: clip.vision.image_size as usize,
-        context_length: clip.text.context_length as usize,
+        image_size: spec.image_size() as usize,
+        context_length: spec.context_length() as usize,
         tokenizer: ctx.tokenizer.clone(),
         decode_threads: config.data.decode_threads,
         prefetch_batches: config.data.prefetch_batches,
@@ -187,7 +187,7 @@ pub fn run_generation(
         if let Some(ledger) = ctx.ledger {
             ledger.lock().unwrap_or_else(|e| e.into_inner()).contributed(generation, step, rank, world_size, &batch.keys);
         }
-        let device_batch = DeviceBatch::from_batch(&batch, slot, clip.vision.image_size, device, held.trainer.compute_kind());
+        let device_batch = DeviceBatch::from_batch(&batch, slot, spec.image_size(), device, held.trainer.compute_kind());
         let mut timed = Timed { inner: coll.as_mut(), waited: Duration::ZERO };
         let stats = held.trainer.train_step_with(step, &device_batch, &mut timed, || {
             if let Some(checkpointer) = ctx.checkpointer {
@@ -263,7 +263,7 @@ pub fn run_generation(
 }
 
 /// Takes part in the checkpoint of `step`, logging how it went.
-fn take_checkpoint(checkpointer: &Checkpointer, trainer: &ClipTrainer, member: Membership, step: u64, prefix: &str, must_complete: bool) {
+fn take_checkpoint(checkpointer: &Checkpointer, trainer: &Trainer, member: Membership, step: u64, prefix: &str, must_complete: bool) {
     let attempt = format!("{prefix}-s{step}");
     let state = || {
         let mut state = trainer.state();

@@ -14,7 +14,7 @@ use crate::checkpoint::participant::Checkpointer;
 use crate::checkpoint::CheckpointStore;
 use crate::collective::{NcclUniqueId, RingListener};
 use crate::data::tokenizer;
-use crate::trainer::{clip_config, ClipTrainer};
+use crate::trainer::{model_spec, Trainer};
 
 mod generation;
 mod ledger;
@@ -180,8 +180,8 @@ fn train(
 ) -> Result<(), WorkerError> {
     let tokenizer = tokenizer::load_tokenizer(&config.data.tokenizer)?;
     let host = options.advertise_host.clone().unwrap_or_else(|| local_host_towards(&options.coordinator));
-    let clip = clip_config(config, tokenizer.vocab_size() as i64).map_err(crate::trainer::TrainError::from)?;
-    let mut held = Held { trainer: ClipTrainer::new(config, clip, device)?, step: None, pristine: true };
+    let spec = model_spec(config, tokenizer.as_ref())?;
+    let mut held = Held { trainer: Trainer::new(config, spec.clone(), device)?, step: None, pristine: true };
     let checkpoints = config.checkpoint.url.as_deref().map(CheckpointStore::open).transpose()?;
     let checkpointer = checkpoints.clone().map(|store| Checkpointer::new(store, client.clone(), runtime.handle().clone()));
     let ledger = match &config.telemetry.sample_ledger {
@@ -206,7 +206,7 @@ fn train(
             config,
             device,
             tokenizer: &tokenizer,
-            clip,
+            spec: spec.clone(),
             endpoint: &endpoint,
             checkpoints: checkpoints.as_ref(),
             checkpointer: checkpointer.as_ref(),

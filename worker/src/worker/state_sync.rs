@@ -5,12 +5,12 @@
 
 use braid_coordinator::config::JobConfig;
 use braid_proto::DataPlanReply;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::WorkerError;
 use crate::checkpoint::CheckpointStore;
 use crate::collective::{broadcast_buckets, Collective};
-use crate::trainer::{ClipTrainer, TrainError};
+use crate::trainer::{Trainer, TrainError};
 
 /// Where this generation's state came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,12 +33,12 @@ pub enum Origin {
 /// its seeded initial values (a fresh start then needs no re-initialisation).
 pub fn restore(
     plan: &DataPlanReply,
-    trainer: &mut ClipTrainer,
+    trainer: &mut Trainer,
     pristine: bool,
     coll: &mut dyn Collective,
     config: &JobConfig,
     checkpoints: Option<&CheckpointStore>,
-    rebuild: impl FnOnce() -> Result<ClipTrainer, TrainError>,
+    rebuild: impl FnOnce() -> Result<Trainer, TrainError>,
 ) -> Result<Origin, WorkerError> {
     if let Some(root) = plan.state_source_rank {
         let root = root as usize;
@@ -62,24 +62,25 @@ pub fn restore(
     Ok(Origin::Fresh)
 }
 
-/// Every rank takes rank `root`'s model and optimizer state (the optimizer's step count
-/// travels as a float64 on the device: exact below 2^53).
-pub fn broadcast_state(trainer: &mut ClipTrainer, coll: &mut dyn Collective, root: usize, bucket_bytes: usize) -> Result<(), WorkerError> {
+/// Every rank takes rank `root`'s model, optimizer and family state (momentum encoders,
+/// queues). Integer and boolean tensors (the optimizer's step count, queue pointers and valid
+/// flags) travel as float64 on the device: exact below 2^53.
+pub fn broadcast_state(trainer: &mut Trainer, coll: &mut dyn Collective, root: usize, bucket_bytes: usize) -> Result<(), WorkerError> {
     let device = trainer.device();
-    let (names, mut tensors): (Vec<String>, Vec<Tensor>) = trainer
-        .state()
-        .into_iter()
-        .map(|(name, t)| {
-            let wire = if t.kind() == Kind::Int64 { t.to_kind(Kind::Double).to_device(device) } else { t.to_device(device).copy() };
-            (name, wire)
-        })
-        .unzip();
-    broadcast_buckets(coll, &mut tensors, bucket_bytes, root)?;
+    let mut names = Vec::new();
+    let mut wire = Vec::new();
+    for (name, t) in trainer.state() {
+        let kind = t.kind();
+        let float = matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16);
+        wire.push(if float { t.to_device(device).copy() } else { t.to_kind(Kind::Double).to_device(device) });
+        names.push((name, kind, t.device(), float));
+    }
+    broadcast_buckets(coll, &mut wire, bucket_bytes, root)?;
     let received: Vec<(String, Tensor)> = names
         .into_iter()
-        .zip(tensors)
-        .map(|(name, t)| {
-            let t = if name == "optim.step" { t.to_kind(Kind::Int64).to_device(Device::Cpu) } else { t };
+        .zip(wire)
+        .map(|((name, kind, home, float), t)| {
+            let t = if float { t } else { t.to_kind(kind).to_device(home) };
             (name, t)
         })
         .collect();

@@ -1,0 +1,85 @@
+//! A rank's share of a global batch as tensors on the training device.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::data::loader::Batch;
+
+/// A rank's batch as tensors on the training device, padded to the per-rank slot size.
+#[derive(Debug)]
+pub struct DeviceBatch {
+    /// [B, 3, H, W]
+    pub images: Tensor,
+    /// [B, context]
+    pub tokens: Tensor,
+    /// [B]
+    pub eot_index: Tensor,
+    /// [B] bool
+    pub valid: Tensor,
+    /// [B] int64, CPU: each sample's global position in the sample order (-1 for padding).
+    /// Per-sample randomness (MLM masking, hard-negative draws) hashes it, so a sample gets the
+    /// same draws whichever rank holds it.
+    pub positions: Tensor,
+}
+
+impl DeviceBatch {
+    /// Moves a loader batch to `device` in `kind`, padding with invalid samples up to `slot`.
+    pub fn from_batch(batch: &Batch, slot: usize, image_size: i64, device: Device, kind: Kind) -> Self {
+        let b = batch.valid.len();
+        assert!(b <= slot, "a rank batch of {b} does not fit slot {slot}");
+        let context = batch.tokens.len().checked_div(b).unwrap_or(1) as i64;
+        let pad = (slot - b) as i64;
+        let images = Tensor::from_slice(&batch.images).view([b as i64, 3, image_size, image_size]);
+        let tokens = Tensor::from_slice(&batch.tokens).view([b as i64, context]);
+        let eot = Tensor::from_slice(&batch.eot_index);
+        let valid = Tensor::from_slice(&batch.valid);
+        let positions: Vec<i64> = batch.positions.iter().map(|&p| p as i64).collect();
+        let positions = Tensor::from_slice(&positions);
+        let (images, tokens, eot, valid, positions) = if pad > 0 {
+            (
+                Tensor::cat(&[images, Tensor::zeros([pad, 3, image_size, image_size], (Kind::Float, Device::Cpu))], 0),
+                Tensor::cat(&[tokens, Tensor::zeros([pad, context], (Kind::Int64, Device::Cpu))], 0),
+                Tensor::cat(&[eot, Tensor::zeros([pad], (Kind::Int64, Device::Cpu))], 0),
+                Tensor::cat(&[valid, Tensor::zeros([pad], (Kind::Bool, Device::Cpu))], 0),
+                Tensor::cat(&[positions, Tensor::full([pad], -1, (Kind::Int64, Device::Cpu))], 0),
+            )
+        } else {
+            (images, tokens, eot, valid, positions)
+        };
+        Self {
+            images: images.to_kind(kind).to_device(device),
+            tokens: tokens.to_device(device),
+            eot_index: eot.to_device(device),
+            valid: valid.to_device(device),
+            positions,
+        }
+    }
+
+    /// Samples in the batch (padding included).
+    pub fn len(&self) -> usize {
+        self.valid.size()[0] as usize
+    }
+
+    /// True when the batch holds no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows `[start, start + len)`.
+    pub fn narrow(&self, start: i64, len: i64) -> DeviceBatch {
+        DeviceBatch {
+            images: self.images.narrow(0, start, len),
+            tokens: self.tokens.narrow(0, start, len),
+            eot_index: self.eot_index.narrow(0, start, len),
+            valid: self.valid.narrow(0, start, len),
+            positions: self.positions.narrow(0, start, len),
+        }
+    }
+
+    /// `[B, context]` int64 on the batch's device: 1 up to and including each caption's last
+    /// token (`eot_index`), 0 for the padding after it (a BERT-style encoder's attention mask).
+    pub fn attention_mask(&self) -> Tensor {
+        let context = self.tokens.size()[1];
+        let index = Tensor::arange(context, (Kind::Int64, self.tokens.device())).unsqueeze(0);
+        index.le_tensor(&self.eot_index.unsqueeze(1)).to_kind(Kind::Int64)
+    }
+}
