@@ -190,6 +190,12 @@ pub struct TrainSection {
     /// keeping them: less memory for about one more forward pass of compute. Default false.
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// Replica consistency check: after every step S with `(S + 1) % ema_check_every == 0`, and
+    /// after the last step, every rank reports a digest of its parameters, momentum encoders
+    /// and queues; when they differ the coordinator has every rank take one rank's state by
+    /// broadcast. 0 disables. Default 100.
+    #[serde(default = "default_ema_check_every")]
+    pub ema_check_every: u64,
 }
 
 /// `[cluster]`
@@ -341,6 +347,9 @@ fn default_eps() -> f64 {
 fn default_grad_clip() -> f64 {
     1.0
 }
+fn default_ema_check_every() -> u64 {
+    100
+}
 fn default_precision() -> String {
     "fp32".into()
 }
@@ -423,6 +432,7 @@ impl Default for TrainSection {
             precision: default_precision(),
             threads: 0,
             activation_checkpointing: false,
+            ema_check_every: default_ema_check_every(),
         }
     }
 }
@@ -739,6 +749,16 @@ mod tests {
         let err = JobConfig::parse(&text, "j").unwrap().validate("j").unwrap_err().to_string();
         assert!(err.contains("global_batch"), "{err}");
         assert!(err.contains("fp8"), "{err}");
+    }
+
+    #[test]
+    fn ema_check_every_defaults_to_100_and_0_disables() {
+        assert_eq!(JobConfig::parse(MINIMAL, "mem").unwrap().train.ema_check_every, 100);
+        let off = JobConfig::parse(&format!("{MINIMAL}[train]\nema_check_every = 0\n"), "mem").unwrap();
+        off.validate("mem").unwrap();
+        assert_eq!(off.train.ema_check_every, 0);
+        let err = JobConfig::parse(&format!("{MINIMAL}[train]\nema_check_every = -5\n"), "j").unwrap_err().to_string();
+        assert!(err.contains("ema_check_every"), "{err}");
     }
 
     #[test]

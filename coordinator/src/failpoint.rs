@@ -5,6 +5,10 @@
 //! with [`set_context`]). With `BRAID_FAILPOINT_ONCE=<folder>`, each point fires at most once
 //! across processes (a restarted worker does not crash again): the crash first creates
 //! `<folder>/<point>`. The environment is read once per process; unset, a point costs nothing.
+//!
+//! Some points inject a fault instead of crashing ([`trigger`]): `corrupt-momentum` perturbs a
+//! worker's momentum encoders (its parameters, for families without one) after the update of
+//! the step, for the replica consistency check to find.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -52,6 +56,22 @@ pub fn armed(name: &str, step: u64) -> bool {
     matching(name, step).is_some()
 }
 
+/// Whether the injection point `name` is armed for `step`; marks it fired (with
+/// `BRAID_FAILPOINT_ONCE`), so the caller injects its fault and the process goes on.
+pub fn trigger(name: &str, step: u64) -> bool {
+    let Some(point) = matching(name, step) else { return false };
+    mark_fired(&point);
+    eprintln!("{FAILPOINT_ENV}: injecting {name}@{step}");
+    true
+}
+
+fn mark_fired(point: &str) {
+    if let Some(marker) = once_marker(point) {
+        let _ = std::fs::create_dir_all(marker.parent().unwrap_or(std::path::Path::new(".")));
+        let _ = std::fs::write(&marker, b"fired\n");
+    }
+}
+
 /// Aborts the process if the point `name` is armed for `step`.
 pub fn hit(name: &str, step: u64) {
     if armed(name, step) {
@@ -70,9 +90,8 @@ pub fn hit_here(name: &str) {
 /// Aborts the process, saying which point fired (and marking it fired, with
 /// `BRAID_FAILPOINT_ONCE`).
 pub fn crash(name: &str, step: u64) -> ! {
-    if let Some(marker) = matching(name, step).as_deref().and_then(once_marker) {
-        let _ = std::fs::create_dir_all(marker.parent().unwrap_or(std::path::Path::new(".")));
-        let _ = std::fs::write(&marker, b"fired\n");
+    if let Some(point) = matching(name, step) {
+        mark_fired(&point);
     }
     eprintln!("{FAILPOINT_ENV}: crashing at {name}@{step}");
     std::process::abort()

@@ -1,8 +1,10 @@
 //! The tonic service: a thin adapter that locks the state machine, applies the request with
 //! the current time, performs the resulting actions and maps errors to gRPC status codes.
+//! A step report carrying a replica digest is answered once the state machine has a verdict on
+//! that step's check (every rank's digest is in, or the bounded wait is over).
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use braid_proto::coordinator_server::Coordinator as CoordinatorRpc;
 use braid_proto::{
@@ -15,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::commit;
 use crate::error::{Error, Result};
-use crate::state::{Action, CommitPlan, Coordinator, CoordinatorSnapshot, LogLevel, Progress};
+use crate::state::{Action, CommitPlan, Coordinator, CoordinatorSnapshot, LogLevel, Progress, StateCheck};
 use crate::store::StoreRoot;
 
 struct Shared {
@@ -28,7 +30,12 @@ struct Shared {
     /// Commits run one at a time, so `latest` only moves forward.
     commit_lock: tokio::sync::Mutex<()>,
     ended: CancellationToken,
+    /// Signalled after every change of the state, for replies waiting on a state check.
+    changed: tokio::sync::Notify,
 }
+
+/// How often a reply waiting on a state check looks at the clock when nothing changes.
+const STATE_CHECK_POLL: Duration = Duration::from_millis(100);
 
 /// The coordinator's gRPC service. Cheap to clone; clones share one state machine.
 #[derive(Clone)]
@@ -75,6 +82,7 @@ impl CoordinatorService {
                 keep_every,
                 commit_lock: tokio::sync::Mutex::new(()),
                 ended,
+                changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -95,6 +103,7 @@ impl CoordinatorService {
             }
             (result, actions)
         };
+        self.shared.changed.notify_waiters();
         log(&actions);
         let rest = actions.into_iter().filter(|a| !matches!(a, Action::Log { .. })).collect();
         (result, rest)
@@ -140,6 +149,27 @@ impl CoordinatorService {
     /// embedding `braid run` on SIGTERM). Returns the step once it is fixed.
     pub fn checkpoint_now(&self, reason: &str, stop_after: bool) -> Result<Option<u64>> {
         self.apply(|s, _| s.checkpoint_now(reason.to_string(), stop_after)).0
+    }
+
+    /// Waits for the verdict of the state check of `step` in `generation`. Looks again after
+    /// every change of the state and every [`STATE_CHECK_POLL`]; the state machine bounds the
+    /// wait ([`Coordinator::state_check_wait`]).
+    async fn state_check(&self, generation: u64, step: u64) -> StateCheck {
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (check, actions) = {
+                let mut state = self.lock();
+                let check = state.state_check(Instant::now(), generation, step);
+                (check, state.take_actions())
+            };
+            log(&actions);
+            if check != StateCheck::Pending {
+                return check;
+            }
+            let _ = tokio::time::timeout(STATE_CHECK_POLL, changed).await;
+        }
     }
 
     /// Cancelled once the job finished or failed.
@@ -227,7 +257,15 @@ impl CoordinatorRpc for CoordinatorService {
 
     async fn report_step(&self, request: Request<StepReport>) -> Result<Response<StepReply>, Status> {
         let req = request.into_inner();
-        reply("ReportStep", self.apply(|s, now| s.report_step(now, &req)).0)
+        let mut step_reply = match self.apply(|s, now| s.report_step(now, &req)).0 {
+            Ok(r) => r,
+            Err(e) => return reply("ReportStep", Err(e)),
+        };
+        // Also with `stop`: the last step's check ends the job, and every rank must learn its verdict.
+        if !req.state_digest.is_empty() && !step_reply.rendezvous_required {
+            self.state_check(req.generation, req.step).await.fill(&mut step_reply);
+        }
+        Ok(Response::new(step_reply))
     }
 
     async fn commit_checkpoint(
@@ -267,5 +305,68 @@ impl CoordinatorRpc for CoordinatorService {
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
         let req = request.into_inner();
         reply("Leave", self.apply(|s, now| s.leave(now, &req)).0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::JobConfig;
+    use braid_proto::{DataPlanRequest, Header, RendezvousRequest, PROTOCOL_VERSION};
+
+    const JOB: &str = "check-job";
+
+    fn header(worker: &str) -> Option<Header> {
+        Some(Header { job_id: JOB.into(), protocol_version: PROTOCOL_VERSION, worker_id: worker.into() })
+    }
+
+    /// A service whose 2-rank generation 1 has started: the worker ids in rank order.
+    async fn started() -> (CoordinatorService, Vec<String>) {
+        let text = format!(
+            "[job]\nname = \"{JOB}\"\n[data]\ntrain = \"/d/manifest.json\"\n[train]\nglobal_batch = 4\nsteps = 10\n\
+             ema_check_every = 5\n[cluster]\nmin_workers = 2\nmax_workers = 2\n"
+        );
+        let config = JobConfig::parse(&text, "test").unwrap();
+        config.validate("test").unwrap();
+        let service = CoordinatorService::new(Coordinator::new(config, Instant::now(), "n"), None);
+        let mut ids = Vec::new();
+        for host in ["a", "b"] {
+            let join = JoinRequest { header: header(""), hostname: host.into(), ..Default::default() };
+            ids.push(service.join(Request::new(join)).await.unwrap().into_inner().worker_id);
+        }
+        for id in &ids {
+            let req = RendezvousRequest { header: header(id), endpoint: format!("{id}:1"), held_step: None };
+            service.rendezvous(Request::new(req)).await.unwrap();
+        }
+        for id in &ids {
+            service.data_plan(Request::new(DataPlanRequest { header: header(id), generation: 1 })).await.unwrap();
+        }
+        (service, ids)
+    }
+
+    fn report(id: &str, step: u64, digest: &str) -> Request<StepReport> {
+        let report =
+            StepReport { header: header(id), generation: 1, step, state_digest: digest.into(), ..Default::default() };
+        Request::new(report)
+    }
+
+    #[tokio::test]
+    async fn a_digest_report_is_answered_once_every_rank_has_sent_its_digest() {
+        let (service, ids) = started().await;
+        let first = tokio::spawn({
+            let (service, id) = (service.clone(), ids[0].clone());
+            async move { service.report_step(report(&id, 4, "aaaa")).await.unwrap().into_inner() }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!first.is_finished(), "rank 0's reply waits for rank 1's digest");
+        let second = service.report_step(report(&ids[1], 4, "bbbb")).await.unwrap().into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(5), first).await.expect("answered").unwrap();
+        for reply in [&first, &second] {
+            assert_eq!((reply.resync_from_rank, reply.drifted_ranks.clone()), (Some(0), vec![1]));
+        }
+        assert_eq!((service.progress().replica_checks, service.progress().replica_drifts), (1, 1));
+        // Reports without a digest are answered at once and carry no order.
+        let plain = service.report_step(report(&ids[0], 5, "")).await.unwrap().into_inner();
+        assert_eq!(plain.resync_from_rank, None);
     }
 }

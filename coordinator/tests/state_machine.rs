@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use braid_coordinator::config::JobConfig;
 use braid_coordinator::manifest::{DatasetManifest, SampleEntry, ShardEntry, MANIFEST_VERSION};
-use braid_coordinator::state::{Action, CommitPlan, CommittedCheckpoint, Coordinator, MemberState};
+use braid_coordinator::state::{Action, CommitPlan, CommittedCheckpoint, Coordinator, MemberState, StateCheck};
 use braid_coordinator::Error;
 use braid_proto::{
     CheckpointPart, CheckpointVote, CorruptReport, DataPlanRequest, Header, HeartbeatRequest, JoinRequest,
@@ -1133,4 +1133,166 @@ fn a_restored_coordinator_answers_like_the_original() {
     assert_eq!(r2.c.progress().generation, 1);
     r2.c.tick(r2.at(131.0));
     assert_eq!(r2.c.progress().generation, 0);
+}
+
+/// A job of 10 steps whose ranks check their replicas after steps 4 and 9.
+fn checked(workers: usize) -> JobConfig {
+    let mut c = config(workers, workers, "");
+    c.train.ema_check_every = 5;
+    c
+}
+
+impl Sim {
+    /// A step report carrying a replica digest (empty: none).
+    fn step_digest(
+        &mut self,
+        t: f64,
+        id: &str,
+        generation: u64,
+        step: u64,
+        digest: &str,
+    ) -> Result<braid_proto::StepReply, Error> {
+        let req =
+            StepReport { header: header(id), generation, step, state_digest: digest.into(), ..Default::default() };
+        self.c.report_step(self.at(t), &req)
+    }
+
+    /// The reply a digest-carrying report of `step` gets once checked at `t` (as the service
+    /// fills it), with the verdict.
+    fn verdict(&mut self, t: f64, generation: u64, step: u64) -> (StateCheck, braid_proto::StepReply) {
+        let check = self.c.state_check(self.at(t), generation, step);
+        let mut reply = braid_proto::StepReply::default();
+        check.fill(&mut reply);
+        (check, reply)
+    }
+}
+
+#[test]
+fn equal_digests_pass_the_check_without_an_order() {
+    let mut s = Sim::new(checked(2));
+    let ids = s.formed(0.0, 2);
+    s.train(6.0, &ids, 1, 0..4);
+    s.step_digest(7.0, &ids[0], 1, 4, "aaaa").unwrap();
+    assert_eq!(s.verdict(7.0, 1, 4).0, StateCheck::Pending, "rank 1 has not reported step 4");
+    s.step_digest(7.1, &ids[1], 1, 4, "aaaa").unwrap();
+    let (check, reply) = s.verdict(7.1, 1, 4);
+    assert_eq!(check, StateCheck::Agreed);
+    assert_eq!((reply.resync_from_rank, reply.drifted_ranks.len()), (None, 0));
+    let logs = s.logs().join("\n");
+    assert!(logs.contains("state check of step 4 (generation 1): all 2 ranks hold digest aaaa"), "{logs}");
+    let p = s.c.progress();
+    assert_eq!((p.replica_checks, p.replica_drifts), (1, 0));
+}
+
+#[test]
+fn a_differing_digest_orders_a_resync_from_rank_0_and_names_the_drifted_rank() {
+    let mut s = Sim::new(checked(2));
+    let ids = s.formed(0.0, 2);
+    s.train(6.0, &ids, 1, 0..4);
+    s.step_digest(7.0, &ids[0], 1, 4, "aaaa").unwrap();
+    s.step_digest(7.1, &ids[1], 1, 4, "bbbb").unwrap();
+    let (check, reply) = s.verdict(7.1, 1, 4);
+    assert_eq!(check, StateCheck::Resync { source: 0, drifted: vec![1] });
+    assert_eq!((reply.resync_from_rank, reply.drifted_ranks), (Some(0), vec![1]));
+    assert_eq!(s.verdict(7.2, 1, 4).0, check, "every rank gets the same verdict");
+    let logs = s.logs().join("\n");
+    assert!(logs.contains("state check of step 4 (generation 1): replicas disagree"), "{logs}");
+    assert!(logs.contains(&format!("drifted: rank 1 (worker {}, digest bbbb)", ids[1])), "{logs}");
+    assert!(logs.contains(&format!("reference: rank 0 (worker {}, digest aaaa)", ids[0])), "{logs}");
+    assert!(logs.contains("every rank takes rank 0's state by broadcast before step 5"), "{logs}");
+    let p = s.c.progress();
+    assert_eq!((p.replica_checks, p.replica_drifts), (1, 1));
+    // The next check passes again; the counters survive a coordinator restart.
+    s.train(8.0, &ids, 1, 5..9);
+    s.step_digest(9.0, &ids[0], 1, 9, "cccc").unwrap();
+    s.step_digest(9.0, &ids[1], 1, 9, "cccc").unwrap();
+    assert_eq!(s.verdict(9.0, 1, 9).0, StateCheck::Agreed);
+    let restored = Coordinator::restore(checked(2), s.c.snapshot(), s.at(10.0)).unwrap();
+    assert_eq!((restored.progress().replica_checks, restored.progress().replica_drifts), (2, 1));
+}
+
+#[test]
+fn the_majority_digest_is_the_reference_when_rank_0_is_alone() {
+    let mut s = Sim::new(checked(3));
+    let ids = s.formed(0.0, 3);
+    s.train(6.0, &ids, 1, 0..4);
+    for (id, digest) in ids.iter().zip(["bad0", "good", "good"]) {
+        s.step_digest(7.0, id, 1, 4, digest).unwrap();
+    }
+    assert_eq!(s.verdict(7.0, 1, 4).0, StateCheck::Resync { source: 1, drifted: vec![0] });
+}
+
+#[test]
+fn a_missing_digest_gives_no_verdict_until_it_arrives_or_the_generation_ends() {
+    let mut s = Sim::new(checked(2));
+    let ids = s.formed(0.0, 2);
+    s.train(6.0, &ids, 1, 0..4);
+    s.step_digest(7.0, &ids[0], 1, 4, "aaaa").unwrap();
+    let wait = s.c.state_check_wait().as_secs_f64();
+    assert_eq!(wait, 20.0, "min(collective_timeout_s = 60, STATE_CHECK_MAX_WAIT)");
+    // Rank 1 is slow but within the wait: the reply to rank 0 waits for it.
+    assert_eq!(s.verdict(7.0 + wait - 0.1, 1, 4).0, StateCheck::Pending);
+    s.beat(7.0 + wait - 0.1, &ids[1]);
+    s.step_digest(7.0 + wait - 0.05, &ids[1], 1, 4, "aaaa").unwrap();
+    assert_eq!(s.verdict(7.0 + wait, 1, 4).0, StateCheck::Agreed);
+
+    // Rank 1 dies before it reports step 9: no verdict once the generation ends.
+    s.train(30.0, &ids, 1, 5..9);
+    s.step_digest(31.0, &ids[0], 1, 9, "dddd").unwrap();
+    assert_eq!(s.verdict(31.0, 1, 9).0, StateCheck::Pending);
+    s.c.leave(s.at(32.0), &LeaveRequest { header: header(&ids[1]), reason: "killed".into() }).unwrap();
+    s.logs();
+    match s.verdict(32.0, 1, 9) {
+        (StateCheck::NoVerdict(why), reply) => {
+            assert!(why.contains("generation 1 ended before every rank reported step 9"), "{why}");
+            assert_eq!(reply.resync_from_rank, None);
+        }
+        other => panic!("expected no verdict, got {other:?}"),
+    }
+    assert!(s.logs().iter().any(|l| l.contains("state check of step 9 (generation 1) has no verdict")));
+    assert_eq!(s.c.progress().replica_checks, 1, "only the check of step 4 compared digests");
+}
+
+#[test]
+fn a_rank_that_never_reports_is_bounded_by_the_wait() {
+    let mut c = checked(2);
+    c.cluster.collective_timeout_s = 3.0;
+    let mut s = Sim::new(c);
+    let ids = s.formed(0.0, 2);
+    s.train(6.0, &ids, 1, 0..4);
+    s.step_digest(7.0, &ids[1], 1, 4, "aaaa").unwrap();
+    assert_eq!(s.verdict(9.9, 1, 4).0, StateCheck::Pending);
+    match s.verdict(10.0, 1, 4).0 {
+        StateCheck::NoVerdict(why) => assert!(why.contains("ranks [0] did not report step 4 within 3.0 s"), "{why}"),
+        other => panic!("expected no verdict, got {other:?}"),
+    }
+    // A late digest changes nothing: the verdict is fixed.
+    s.step_digest(10.5, &ids[0], 1, 4, "bbbb").unwrap();
+    assert!(matches!(s.verdict(10.5, 1, 4).0, StateCheck::NoVerdict(_)));
+}
+
+#[test]
+fn digests_outside_check_steps_are_refused_and_reports_without_one_are_not_checked() {
+    let mut s = Sim::new(checked(2));
+    let ids = s.formed(0.0, 2);
+    s.train(6.0, &ids, 1, 0..3);
+    let err = s.step_digest(7.0, &ids[0], 1, 3, "aaaa").unwrap_err();
+    assert!(err.to_string().contains("step 3, which is not a state check step (train.ema_check_every = 5"), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::InvalidArgument);
+    // Ranks that send no digest at a check step (a single rank, a disabled check) are not
+    // checked, and nothing is logged about it.
+    s.step_digest(7.0, &ids[0], 1, 3, "").unwrap();
+    s.step_digest(7.0, &ids[1], 1, 3, "").unwrap();
+    s.step_digest(7.0, &ids[0], 1, 4, "").unwrap();
+    s.step_digest(7.0, &ids[1], 1, 4, "").unwrap();
+    assert!(matches!(s.verdict(7.0, 1, 4).0, StateCheck::NoVerdict(_)));
+    assert!(!s.logs().iter().any(|l| l.contains("state check")));
+    assert_eq!(s.c.progress().replica_checks, 0);
+    // One rank with a digest, the other without: no verdict, said once.
+    s.train(8.0, &ids, 1, 5..9);
+    s.step_digest(9.0, &ids[0], 1, 9, "aaaa").unwrap();
+    s.step_digest(9.0, &ids[1], 1, 9, "").unwrap();
+    assert_eq!(s.verdict(9.0, 1, 9).0, StateCheck::NoVerdict("ranks [1] sent no digest".into()));
+    let logs = s.logs();
+    assert_eq!(logs.iter().filter(|l| l.contains("state check of step 9")).count(), 1, "{logs:?}");
 }

@@ -84,14 +84,17 @@ pub fn synth_data(dir: &Path, train_samples: usize, eval_samples: usize, samples
     SynthData { dir: dir.to_path_buf() }
 }
 
-/// A job file for CLIP-tiny on a synthetic dataset, one CPU thread per worker; the fields are
-/// the keys the tests vary, the rest keep braid's defaults.
+/// A job file for a tiny model (CLIP unless `family` says otherwise) on a synthetic dataset,
+/// one CPU thread per worker; the fields are the keys the tests vary, the rest keep braid's
+/// defaults.
 #[derive(Debug, Clone)]
 pub struct JobFile {
     /// `job.name`.
     pub name: String,
     /// `job.seed`.
     pub seed: u64,
+    /// `model.family` (`preset` is always `tiny`).
+    pub family: String,
     /// `data.train`.
     pub train: PathBuf,
     /// `data.eval`.
@@ -112,6 +115,8 @@ pub struct JobFile {
     pub weight_decay: f64,
     /// `train.precision`.
     pub precision: String,
+    /// `train.ema_check_every`, when set.
+    pub ema_check_every: Option<u64>,
     /// `cluster.max_workers`, and `cluster.min_workers` unless `min_workers` is set.
     pub workers: usize,
     /// `cluster.min_workers` when it differs from `workers`.
@@ -139,12 +144,14 @@ pub struct JobFile {
 }
 
 impl JobFile {
-    /// A job named `name` on `data`'s training split: global batch 32, 20 steps, lr 1e-3,
-    /// warmup 5, weight decay 0.1, fp32, one worker, no checkpoints, no held-out evaluation.
+    /// A CLIP job named `name` on `data`'s training split: global batch 32, 20 steps, lr 1e-3,
+    /// warmup 5, weight decay 0.1, fp32, one worker, no checkpoints, no held-out evaluation,
+    /// braid's default `ema_check_every`.
     pub fn new(name: &str, data: &SynthData) -> Self {
         Self {
             name: name.to_string(),
             seed: 0,
+            family: "clip".into(),
             train: data.train_manifest(),
             eval: None,
             tokenizer: data.tokenizer(),
@@ -155,6 +162,7 @@ impl JobFile {
             warmup_steps: 5,
             weight_decay: 0.1,
             precision: "fp32".into(),
+            ema_check_every: None,
             workers: 1,
             min_workers: None,
             max_restarts: 0,
@@ -175,7 +183,7 @@ impl JobFile {
         let path = |p: &Path| format!("{:?}", p.display().to_string());
         let mut t = String::new();
         let _ = writeln!(t, "[job]\nname = {:?}\nseed = {}\n", self.name, self.seed);
-        let _ = writeln!(t, "[model]\nfamily = \"clip\"\npreset = \"tiny\"\n");
+        let _ = writeln!(t, "[model]\nfamily = {:?}\npreset = \"tiny\"\n", self.family);
         let _ = writeln!(t, "[data]\ntrain = {}\ntokenizer = {}", path(&self.train), path(&self.tokenizer));
         if let Some(eval) = &self.eval {
             let _ = writeln!(t, "eval = {}", path(eval));
@@ -183,9 +191,13 @@ impl JobFile {
         let _ = writeln!(t, "decode_threads = 1\nmax_corrupt_samples = {}\n", self.max_corrupt_samples);
         let _ = writeln!(
             t,
-            "[train]\nglobal_batch = {}\nsteps = {}\nlr = {:?}\nwarmup_steps = {}\nweight_decay = {:?}\nprecision = {:?}\nthreads = 1\n",
+            "[train]\nglobal_batch = {}\nsteps = {}\nlr = {:?}\nwarmup_steps = {}\nweight_decay = {:?}\nprecision = {:?}\nthreads = 1",
             self.global_batch, self.steps, self.lr, self.warmup_steps, self.weight_decay, self.precision
         );
+        if let Some(every) = self.ema_check_every {
+            let _ = writeln!(t, "ema_check_every = {every}");
+        }
+        let _ = writeln!(t);
         let _ = writeln!(
             t,
             "[cluster]\nmin_workers = {}\nmax_workers = {}\nmax_restarts = {}",

@@ -19,10 +19,12 @@
 //! documents both rules.
 //!
 //! Submodules: `generation` (rendezvous, forming and ending generations, the start step),
-//! `checkpoint` (requests, votes, commits), `stragglers` (slow ranks), `progress` (the
-//! read-only view) and `snapshot` (the state a restarted coordinator resumes from).
+//! `checkpoint` (requests, votes, commits), `consistency` (replica digests and resync orders),
+//! `stragglers` (slow ranks), `progress` (the read-only view) and `snapshot` (the state a
+//! restarted coordinator resumes from).
 
 mod checkpoint;
+mod consistency;
 mod generation;
 mod progress;
 mod snapshot;
@@ -43,6 +45,7 @@ use crate::error::{Error, Result};
 use crate::manifest::DatasetManifest;
 use crate::plan::SamplePlan;
 
+pub use consistency::{is_state_check_step, StateCheck, STATE_CHECK_MAX_WAIT};
 pub use generation::StateSource;
 pub use progress::{GenerationRecord, MemberProgress, MemberState, Progress, GENERATION_HISTORY};
 pub use snapshot::{
@@ -279,6 +282,12 @@ pub struct Coordinator {
     history: Vec<GenerationRecord>,
     /// Why no generation is live (the quorum's reason), as of the last change.
     waiting_reason: Option<String>,
+    /// The newest replica state check (see the `consistency` module).
+    check: Option<consistency::CheckRound>,
+    /// State checks that compared every rank's digest.
+    replica_checks: u64,
+    /// State checks whose digests differed (each ordered a resync).
+    replica_drifts: u64,
 }
 
 fn secs(s: f64) -> Duration {
@@ -320,6 +329,9 @@ impl Coordinator {
             rejoins: 0,
             history: Vec::new(),
             waiting_reason: None,
+            check: None,
+            replica_checks: 0,
+            replica_drifts: 0,
         };
         c.refresh_waiting_reason(now);
         c
@@ -537,6 +549,10 @@ impl Coordinator {
     }
 
     /// `ReportStep`: records a rank's progress; the reply says whether to stop or re-rendezvous.
+    ///
+    /// At a state check step the report's `state_digest` is recorded (a digest at another step
+    /// is refused); the verdict is not part of this reply: ask [`Coordinator::state_check`]
+    /// until it is no longer pending and [`StateCheck::fill`] the reply with it.
     pub fn report_step(&mut self, now: Instant, req: &StepReport) -> Result<StepReply> {
         let id = self.touch(now, req.header.as_ref())?;
         if self.is_over() {
@@ -556,6 +572,8 @@ impl Coordinator {
         // `samples` counts the whole global batch, so this is already the job's throughput.
         let samples_per_second = (req.step_seconds > 0.0).then(|| req.samples as f64 / req.step_seconds);
         let rank = self.live_rank(&id, req.generation)?;
+        let world = self.generation.as_ref().map_or(0, |g| g.members.len());
+        self.record_digest(now, req.generation, world, rank, req.step, &req.state_digest)?;
         let stats = StepStats { loss: req.loss, learning_rate: req.learning_rate, samples_per_second };
         if self.last_report.is_none_or(|(r, _)| rank <= r) {
             self.last_report = Some((rank, stats));
@@ -589,6 +607,7 @@ impl Coordinator {
             checkpoint_step: scheduled.map(|(s, _)| s),
             stop_after_checkpoint: scheduled.is_some_and(|(_, stop)| stop),
             rendezvous_after_step: self.boundary_step(),
+            ..Default::default()
         })
     }
 

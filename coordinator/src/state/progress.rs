@@ -103,6 +103,11 @@ pub struct Progress {
     pub rejoins: u64,
     /// The last [`GENERATION_HISTORY`] generations, oldest first.
     pub generation_history: Vec<GenerationRecord>,
+    /// Replica state checks that compared every rank's digest (`train.ema_check_every`).
+    pub replica_checks: u64,
+    /// Of those, the checks whose digests differed: a rank had drifted and every rank took
+    /// the reference rank's state by broadcast.
+    pub replica_drifts: u64,
 }
 
 impl Progress {
@@ -187,6 +192,8 @@ impl Coordinator {
             },
             rejoins: self.rejoins,
             generation_history: self.history.clone(),
+            replica_checks: self.replica_checks,
+            replica_drifts: self.replica_drifts,
         }
     }
 }

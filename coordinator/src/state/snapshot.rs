@@ -8,8 +8,10 @@
 //! one `heartbeat_timeout_s` later, and the survivors keep their ids and ranks.
 //!
 //! Not kept: the latest loss and throughput (the next step report brings them), step timings for
-//! straggler detection (they refill within [`STRAGGLER_WINDOW`](super::STRAGGLER_WINDOW) steps)
-//! and the dataset manifest (attach it again with [`Coordinator::with_dataset`]).
+//! straggler detection (they refill within [`STRAGGLER_WINDOW`](super::STRAGGLER_WINDOW) steps),
+//! a replica state check still collecting digests (its waiting reports fail with the old
+//! coordinator and the next check looks again) and the dataset manifest (attach it again with
+//! [`Coordinator::with_dataset`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -64,6 +66,12 @@ pub struct CoordinatorSnapshot {
     pub rejoins: u64,
     /// The last generations, oldest first.
     pub generation_history: Vec<GenerationRecord>,
+    /// Replica state checks that compared every rank's digest (absent in older journals: 0).
+    #[serde(default)]
+    pub replica_checks: u64,
+    /// Of those, the checks that found a drifted rank (absent in older journals: 0).
+    #[serde(default)]
+    pub replica_drifts: u64,
 }
 
 /// The live generation in a [`CoordinatorSnapshot`].
@@ -257,6 +265,8 @@ impl Coordinator {
             preempted_after: self.preempted_after,
             rejoins: self.rejoins,
             generation_history: self.history.clone(),
+            replica_checks: self.replica_checks,
+            replica_drifts: self.replica_drifts,
         }
     }
 
@@ -342,6 +352,8 @@ impl Coordinator {
         c.preempted_after = snapshot.preempted_after;
         c.rejoins = snapshot.rejoins;
         c.history = snapshot.generation_history;
+        c.replica_checks = snapshot.replica_checks;
+        c.replica_drifts = snapshot.replica_drifts;
         c.refresh_waiting_reason(now);
         let live = match &c.generation {
             Some(g) => format!(

@@ -11,6 +11,7 @@
 //! <out>/train/shard-000000.tar ...  <out>/train/manifest.json
 //! <out>/eval/shard-000000.tar ...   <out>/eval/manifest.json   (held out: another seed)
 //! <out>/tokenizer.json              Hugging Face WordLevel tokenizer over the caption words
+//! <out>/tokenizer-bert.json         the same words with BERT's special tokens (ALBEF, BLIP)
 //! <out>/classes.json                class names and prompt templates for zero-shot evaluation
 //! ```
 
@@ -47,6 +48,20 @@ pub const CLASS_TEMPLATES: [&str; 4] = ["a photo of a {}.", "a {}.", "a picture 
 
 /// Special tokens of the written tokenizer, in id order: `[PAD]`=0, `[SOT]`=1, `[EOT]`=2, `[UNK]`=3.
 pub const SPECIAL_TOKENS: [&str; 4] = ["[PAD]", "[SOT]", "[EOT]", "[UNK]"];
+
+/// Special tokens of the BERT-style tokenizer, in id order: `[PAD]`=0, `[UNK]`=1, `[CLS]`=2,
+/// `[SEP]`=3, `[MASK]`=4, and BLIP's `[DEC]`=5 (the decoder's first token) and `[ENC]`=6 (the
+/// image-grounded encoder's first token).
+pub const BERT_SPECIAL_TOKENS: [&str; 7] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"];
+
+/// Which special tokens and template a written tokenizer has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerStyle {
+    /// `[SOT] caption [EOT]` (CLIP: the text tower pools at `[EOT]`).
+    Clip,
+    /// `[CLS] caption [SEP]` with `[MASK]`, `[DEC]` and `[ENC]` (ALBEF, BLIP).
+    Bert,
+}
 
 /// Number of caption templates.
 const NUM_TEMPLATES: u64 = 6;
@@ -356,6 +371,12 @@ pub fn vocabulary() -> Vec<String> {
 /// tokens, Lowercase normaliser, Whitespace pre-tokenizer, "[SOT] $A [EOT]" template and padding
 /// with `[PAD]` = 0. Returns the vocabulary size.
 pub fn write_tokenizer(path: &Path) -> Result<usize> {
+    write_tokenizer_style(path, TokenizerStyle::Clip)
+}
+
+/// [`write_tokenizer`] in either style: the BERT style has [`BERT_SPECIAL_TOKENS`] and the
+/// template "[CLS] $A [SEP]".
+pub fn write_tokenizer_style(path: &Path, style: TokenizerStyle) -> Result<usize> {
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::normalizers::utils::Lowercase;
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
@@ -363,17 +384,22 @@ pub fn write_tokenizer(path: &Path) -> Result<usize> {
     use tokenizers::{AddedToken, PaddingParams, Tokenizer};
 
     let failed = |reason: String| Error::Tokenizer { path: path.display().to_string(), reason };
-    let tokens: Vec<String> = SPECIAL_TOKENS.iter().map(|s| s.to_string()).chain(vocabulary()).collect();
+    let (special_tokens, first, last): (&[&str], &str, &str) = match style {
+        TokenizerStyle::Clip => (&SPECIAL_TOKENS, "[SOT]", "[EOT]"),
+        TokenizerStyle::Bert => (&BERT_SPECIAL_TOKENS, "[CLS]", "[SEP]"),
+    };
+    let id = |token: &str| special_tokens.iter().position(|t| *t == token).expect("a special token") as u32;
+    let tokens: Vec<String> = special_tokens.iter().map(|s| s.to_string()).chain(vocabulary()).collect();
     let model = WordLevel::builder()
         .vocab(tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect())
         .unk_token("[UNK]".to_string())
         .build()
         .map_err(|e| failed(e.to_string()))?;
     let template = TemplateProcessing::builder()
-        .try_single("[SOT] $A [EOT]")
-        .and_then(|b| b.try_pair("[SOT] $A [EOT] $B:1 [EOT]:1"))
+        .try_single(format!("{first} $A {last}"))
+        .and_then(|b| b.try_pair(format!("{first} $A {last} $B:1 {last}:1")))
         .map_err(failed)?
-        .special_tokens(vec![("[SOT]", 1), ("[EOT]", 2)])
+        .special_tokens(vec![(first, id(first)), (last, id(last))])
         .build()
         .map_err(|e| failed(e.to_string()))?;
     let mut tokenizer = Tokenizer::new(model);
@@ -382,7 +408,7 @@ pub fn write_tokenizer(path: &Path) -> Result<usize> {
         .with_pre_tokenizer(Some(Whitespace))
         .with_post_processor(Some(template))
         .with_padding(Some(PaddingParams { pad_id: 0, pad_token: "[PAD]".into(), ..PaddingParams::default() }));
-    let special: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
+    let special: Vec<AddedToken> = special_tokens.iter().map(|t| AddedToken::from(*t, true)).collect();
     tokenizer.add_special_tokens(&special);
     tokenizer.save(path, true).map_err(|e| failed(e.to_string()))?;
     Ok(tokens.len())
@@ -547,6 +573,7 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<SynthReport> {
     };
     let tokenizer = out.join("tokenizer.json");
     let vocab_size = write_tokenizer(&tokenizer)?;
+    write_tokenizer_style(&out.join("tokenizer-bert.json"), TokenizerStyle::Bert)?;
     let classes = out.join("classes.json");
     write_classes(&classes)?;
     Ok(SynthReport {
@@ -618,6 +645,21 @@ mod tests {
         let (train, eval) = (split_seed(5, "train"), split_seed(5, "eval"));
         let differ = (0..20).filter(|&i| Scene::sample(train, i) != Scene::sample(eval, i)).count();
         assert!(differ >= 18, "eval must not repeat the training scenes");
+    }
+
+    #[test]
+    fn the_bert_tokenizer_has_bert_special_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer-bert.json");
+        write_tokenizer_style(&path, TokenizerStyle::Bert).unwrap();
+        let hf = crate::data::tokenizer::HfTokenizer::from_file(&path).unwrap();
+        let special = hf.bert_special_tokens().unwrap();
+        assert_eq!((special.pad, special.unk, special.cls, special.sep, special.mask), (0, 1, 2, 3, 4));
+        assert_eq!((hf.token_to_id("[DEC]"), hf.token_to_id("[ENC]")), (Some(5), Some(6)));
+        let encoded = hf.encode_words("a red circle", 8);
+        assert_eq!(encoded.ids[0], 2);
+        assert_eq!(encoded.ids[encoded.eot_index], 3);
+        assert_eq!(encoded.attention_mask, [1, 1, 1, 1, 1, 0, 0, 0]);
     }
 
     #[test]

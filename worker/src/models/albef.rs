@@ -2,16 +2,17 @@
 //! contrastive loss before a fusion encoder combines them.
 //!
 //! ```text
-//!  image ──► ViT (patch conv, [CLS], positions, pre-LN blocks, LayerNorm) ──► image tokens
-//!                │ [CLS]                                                        │
-//!                └─► vision_proj ─► L2 norm ─► image feature ─┐                 │ cross-attention
-//!                                                             ├─ ITC            ▼
-//!  text ──► BERT embeddings ─► BERT layers 0..k ─► text tokens ┼──► BERT layers k..n (self-attention,
-//!                │ [CLS]                                      │      cross-attention to every image
-//!                └─► text_proj ─► L2 norm ─► text feature ────┘      token, feed-forward) ─► fused
-//!                                                                     │ [CLS]        │ every token
-//!                                                                     ▼              ▼
-//!                                                               itm_head (2)   mlm_head (vocab)
+//!     image                                                      caption
+//!       │                                                           │
+//!   patch conv, [CLS], positions                              word, position, token-type
+//!   ViT blocks (pre-LN), LayerNorm                            embeddings; BERT layers 0..k
+//!       │ image tokens                                              │ text tokens
+//!       ├─► L2(vision_proj([CLS])) ─► ITC ◄─ L2(text_proj([CLS])) ◄─┤
+//!       │                                                           ▼
+//!       └─── cross-attention ───────────────────────────────────► BERT layers k..n (fusion encoder)
+//!                                                                   │ fused tokens
+//!                                                                   ├─► itm_head([CLS]) ─► ITM
+//!                                                                   └─► mlm_head ─► MLM
 //! ```
 //!
 //! - Image encoder: [`VisionTransformer`] in the encoder layout ([`VitConfig::encoder`]: a patch
@@ -549,17 +550,23 @@ fn layout_problems(config: &AlbefConfig) -> Vec<String> {
 /// `text_proj.*`, `temp`) to braid's names, reshaping the class token (`[1, 1, W]` to `[W]`) and
 /// the position embeddings (`[1, T, W]` to `[T, W]`); the other tensors keep their shapes:
 ///
-/// | torchmultimodal | braid |
-/// |---|---|
-/// | `albef_model.vision_encoder.encoder.conv_proj`, `class_token`, `encoder.pos_embedding` | `visual.conv1`, `visual.class_embedding`, `visual.positional_embedding` |
-/// | `…encoder.layers.encoder_layer_N.{ln_1, self_attention, ln_2, mlp.0, mlp.3}` | `visual.transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}` |
-/// | `…encoder.ln` | `visual.ln_post` |
-/// | `albef_model.text_encoder.embeddings.{word,position,token_type}_embeddings`, `…layer_norm` | `text.embeddings.…`, `text.embeddings.LayerNorm` |
-/// | `albef_model.text_encoder.encoder.layer.N.attention.{query,key,value,output}` | `text.encoder.layer.N.attention.self.{query,key,value}`, `….attention.output.dense` |
-/// | `…attention_layernorm`, `…feedforward.model.0`, `…feedforward.model.3` (or `.2`), `…feedforward_layernorm` | `….attention.output.LayerNorm`, `….intermediate.dense`, `….output.dense`, `….output.LayerNorm` |
-/// | `albef_model.multimodal_encoder.layer.J.…` (as above, output layer `model.2`) | `text.encoder.layer.(k+J).…` |
-/// | `…cross_attention.{query,key,value,output}`, `…cross_attention_layernorm` | `….crossattention.self.{query,key,value}`, `….crossattention.output.{dense,LayerNorm}` |
-/// | `vision_proj`, `text_proj`, `temp` | `vision_proj`, `text_proj`, `temp` |
+/// - `albef_model.vision_encoder.encoder.`: `conv_proj` → `visual.conv1`, `class_token` →
+///   `visual.class_embedding`, `encoder.pos_embedding` → `visual.positional_embedding`,
+///   `encoder.layers.encoder_layer_N.{ln_1, self_attention, ln_2, mlp.0, mlp.3}` →
+///   `visual.transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}`, `encoder.ln` →
+///   `visual.ln_post`;
+/// - `albef_model.text_encoder.`: `embeddings.{word,position,token_type}_embeddings` →
+///   `text.embeddings.*`, `embeddings.layer_norm` → `text.embeddings.LayerNorm`, and for layer
+///   `N < k`: `encoder.layer.N.attention.{query,key,value}` →
+///   `text.encoder.layer.N.attention.self.*`, `attention.output` → `attention.output.dense`,
+///   `attention_layernorm` → `attention.output.LayerNorm`, `feedforward.model.0` →
+///   `intermediate.dense`, `feedforward.model.3` (or `.2`) → `output.dense`,
+///   `feedforward_layernorm` → `output.LayerNorm`;
+/// - `albef_model.multimodal_encoder.layer.J.` → `text.encoder.layer.(k+J).`: as the text
+///   layers (feed-forward output `model.2`, or `.3`), plus `cross_attention.{query,key,value}` →
+///   `crossattention.self.*`, `cross_attention.output` → `crossattention.output.dense`,
+///   `cross_attention_layernorm` → `crossattention.output.LayerNorm`;
+/// - `vision_proj`, `text_proj`, `temp` keep their names.
 ///
 /// Returns the online tensors and the momentum tensors: the `*_m` modules
 /// (`albef_model.vision_encoder_m.*`, ..., `vision_proj_m.*`, `text_proj_m.*`) under the same braid

@@ -201,9 +201,15 @@ impl BertEmbeddings {
     /// Token ids [batch, tokens] (and token types, all 0 when `None`) to [batch, tokens, width],
     /// in the parameters' kind.
     pub fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>) -> Tensor {
+        self.forward_from(input_ids, token_type_ids, 0)
+    }
+
+    /// [`BertEmbeddings::forward`] of tokens at positions `start..start + tokens` (incremental
+    /// decoding).
+    pub fn forward_from(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>, start: i64) -> Tensor {
         let (_, n) = input_ids.size2().expect("input ids are [batch, tokens]");
         let max_positions = self.position_embeddings.ws.size()[0];
-        assert!(n <= max_positions, "{n} tokens exceed the {max_positions} position embeddings");
+        assert!(start + n <= max_positions, "{} tokens exceed the {max_positions} position embeddings", start + n);
         let mut x = input_ids.apply(&self.word_embeddings);
         if let Some(types) = &self.token_type_embeddings {
             x = match token_type_ids {
@@ -211,7 +217,7 @@ impl BertEmbeddings {
                 None => x + types.ws.get(0),
             };
         }
-        (x + self.position_embeddings.ws.narrow(0, 0, n)).apply(&self.layer_norm)
+        (x + self.position_embeddings.ws.narrow(0, start, n)).apply(&self.layer_norm)
     }
 
     /// The word-embedding table [vocab, width] (the LM head's tied decoder weight).
@@ -264,6 +270,58 @@ impl BertAttention {
         let o = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false);
         let o = o.transpose(1, 2).reshape([b, n, w]).apply(&self.output_dense);
         (o + x).apply(&self.output_layer_norm)
+    }
+
+    /// The keys and values of `context` [batch, m, context width], in `like`'s kind, for
+    /// [`BertAttention::forward_cached`].
+    pub fn key_values(&self, context: &Tensor, like: &Tensor) -> KeyValues {
+        let (b, m, _) = context.size3().expect("attention context is [batch, tokens, width]");
+        let context = cast(context, like);
+        let split = |t: Tensor| t.view([b, m, self.heads, -1]).transpose(1, 2);
+        KeyValues { keys: split(context.apply(&self.key)), values: split(context.apply(&self.value)) }
+    }
+
+    /// [`BertAttention::forward`] of `x` [batch, n, width] against keys and values computed
+    /// before (the encoder states', or the earlier tokens' with this step's appended);
+    /// `mask` as there.
+    pub fn forward_cached(&self, x: &Tensor, key_values: &KeyValues, mask: Option<&Tensor>) -> Tensor {
+        let (b, n, w) = x.size3().expect("attention input is [batch, tokens, width]");
+        let q = x.apply(&self.query).view([b, n, self.heads, w / self.heads]).transpose(1, 2);
+        let o = Tensor::scaled_dot_product_attention(
+            &q,
+            &key_values.keys,
+            &key_values.values,
+            mask,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        let o = o.transpose(1, 2).reshape([b, n, w]).apply(&self.output_dense);
+        (o + x).apply(&self.output_layer_norm)
+    }
+}
+
+/// Keys and values an attention computed, each [batch, heads, tokens, head_dim]: of the encoder
+/// states (cross-attention) or of the tokens decoded so far (self-attention).
+#[derive(Debug)]
+pub struct KeyValues {
+    keys: Tensor,
+    values: Tensor,
+}
+
+impl KeyValues {
+    /// These followed by `more` along the tokens.
+    fn append(&self, more: KeyValues) -> KeyValues {
+        KeyValues {
+            keys: Tensor::cat(&[&self.keys, &more.keys], 2),
+            values: Tensor::cat(&[&self.values, &more.values], 2),
+        }
+    }
+
+    /// Rows `rows` of the batch (repeats allowed).
+    fn select(&self, rows: &Tensor) -> KeyValues {
+        KeyValues { keys: self.keys.index_select(0, rows), values: self.values.index_select(0, rows) }
     }
 }
 
@@ -319,8 +377,74 @@ impl BertLayer {
         if let (Some(cross), Some((states, mask))) = (&self.crossattention, encoder) {
             x = cross.forward(&x, states, mask, false);
         }
+        self.feed_forward(&x)
+    }
+
+    /// One incremental step on the new tokens `x` [batch, n, width]: their keys and values join
+    /// `cache`'s, they attend to every cached token (earlier ones only among themselves:
+    /// `self_mask`) and to the cached encoder states.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        self_attention: Option<&BertAttention>,
+        self_mask: Option<&Tensor>,
+        cache: &mut LayerCache,
+    ) -> Tensor {
+        let attention = self_attention.unwrap_or(&self.attention);
+        let new = attention.key_values(x, x);
+        let tokens = match cache.tokens.take() {
+            Some(earlier) => earlier.append(new),
+            None => new,
+        };
+        let mut x = attention.forward_cached(x, &tokens, self_mask);
+        cache.tokens = Some(tokens);
+        if let (Some(cross), Some(encoder)) = (&self.crossattention, &cache.encoder) {
+            x = cross.forward_cached(&x, encoder, None);
+        }
+        self.feed_forward(&x)
+    }
+
+    /// The GELU feed-forward network with its post-LN residual.
+    fn feed_forward(&self, x: &Tensor) -> Tensor {
         let h = Activation::Gelu.apply(&x.apply(&self.intermediate_dense)).apply(&self.output_dense);
         (h + x).apply(&self.output_layer_norm)
+    }
+}
+
+/// One layer's keys and values during incremental decoding.
+#[derive(Debug)]
+struct LayerCache {
+    tokens: Option<KeyValues>,
+    encoder: Option<KeyValues>,
+}
+
+/// The state of incremental (key/value-cached) causal decoding with a [`BertModel`]: per layer
+/// the self-attention keys and values of the tokens decoded so far and the cross-attention keys
+/// and values of the encoder states ([`BertModel::decoding_cache`], [`BertModel::decode_cached`]).
+#[derive(Debug)]
+pub struct DecodingCache {
+    layers: Vec<LayerCache>,
+    length: i64,
+}
+
+impl DecodingCache {
+    /// Tokens decoded so far.
+    pub fn len(&self) -> i64 {
+        self.length
+    }
+
+    /// Whether no token has been decoded yet.
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+
+    /// Keeps rows `rows` of the batch, in that order (repeats allowed): a beam search's
+    /// reordering, or dropping finished sequences.
+    pub fn select(&mut self, rows: &Tensor) {
+        for layer in &mut self.layers {
+            layer.tokens = layer.tokens.as_ref().map(|kv| kv.select(rows));
+            layer.encoder = layer.encoder.as_ref().map(|kv| kv.select(rows));
+        }
     }
 }
 
@@ -445,6 +569,59 @@ impl BertModel {
             let attention = self_attention.map(|modules| &modules[i]);
             self.layers[i].forward(&x, attention, self_mask.as_ref(), self_causal, cross)
         })
+    }
+
+    /// A cache for [`BertModel::decode_cached`] with the cross-attention keys and values of
+    /// `encoder_states` [batch, tokens, encoder width] (computed once, every token attended to;
+    /// `None` for a decoder without cross-attention) and no token yet.
+    pub fn decoding_cache(&self, encoder_states: Option<&Tensor>) -> DecodingCache {
+        let like = Tensor::zeros([0], (self.compute, self.embeddings.word_embeddings.ws.device()));
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| LayerCache {
+                tokens: None,
+                encoder: layer
+                    .crossattention
+                    .as_ref()
+                    .zip(encoder_states)
+                    .map(|(cross, states)| cross.key_values(states, &like)),
+            })
+            .collect();
+        DecodingCache { layers, length: 0 }
+    }
+
+    /// Causal decoding of the next tokens `input_ids` [batch, n] (positions `cache.len()..`;
+    /// all unpadded) after those in `cache`, through every layer (with `self_attention[i]` in
+    /// place of layer `i`'s self-attention when given, as in
+    /// [`BertModel::forward_layers_with_self_attention`]) and the cached encoder states; returns
+    /// their last hidden states [batch, n, width] and extends `cache`. The same as
+    /// [`BertModel::forward`] (causal, without a mask) over all tokens so far, restricted to the
+    /// new ones.
+    pub fn decode_cached(
+        &self,
+        input_ids: &Tensor,
+        self_attention: Option<&[BertAttention]>,
+        cache: &mut DecodingCache,
+    ) -> Tensor {
+        if let Some(modules) = self_attention {
+            assert_eq!(
+                modules.len(),
+                self.layers.len(),
+                "one self-attention per layer of a {}-layer model",
+                self.layers.len()
+            );
+        }
+        let x = self.embeddings.forward_from(input_ids, None, cache.length).to_kind(self.compute);
+        let n = x.size()[1];
+        // The new tokens see every cached token and, among themselves, the earlier ones.
+        let self_mask =
+            (n > 1).then(|| Tensor::ones([n, cache.length + n], (Kind::Bool, x.device())).tril(cache.length));
+        let x = self.layers.iter().zip(&mut cache.layers).enumerate().fold(x, |x, (i, (layer, layer_cache))| {
+            layer.forward_cached(&x, self_attention.map(|modules| &modules[i]), self_mask.as_ref(), layer_cache)
+        });
+        cache.length += n;
+        x
     }
 }
 

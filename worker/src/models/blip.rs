@@ -3,29 +3,31 @@
 //! mode of the MED.
 //!
 //! ```text
-//!  image ──► ViT (patch conv, [CLS], positions, pre-LN blocks, LayerNorm) ──► image tokens ─────────┐
-//!                │ [CLS]                                                                           │
-//!                └─► vision_proj ─► L2 norm ─► image feature ──┐                                   │
-//!                                                              ├─ ITC                              │
-//!  "[CLS] text" ─► embeddings ─► [ self-attention ─────────── feed-forward ] x N ─► text_proj ─────┘ │
-//!  "[ENC] text" ─► embeddings ─► [ self-attention ─► cross-attention ─► feed-forward ] x N ─► itm_head (ITM)
-//!  "[DEC] text" ─► embeddings ─► [ causal self-attention* ─► cross-attention ─► feed-forward ] x N ─► lm_head (LM)
-//!                                        ▲                        ▲                                  │
-//!                                        │                        └────── image tokens ◄─────────────┘
-//!                       * the decoder's own; every other block is shared by the three modes
+//! [CLS] text ─► E ─► N x ( SA ──────► FF ) ─► [CLS] ─► text_proj ─► L2 norm ─► text feature ─┐
+//!                                                                                            ├─ ITC
+//! image ─► ViT ─► image tokens ──┬─► [CLS] ─► vision_proj ─► L2 norm ─► image feature ───────┘
+//!                                │
+//! [ENC] text ─► E ─► N x ( SA ─► CA ─► FF ) ─► [ENC] ─► itm_head ─► ITM
+//!                                │
+//! [DEC] text ─► E ─► N x ( SA'─► CA ─► FF ) ─► every token ─► lm_head ─► LM
+//!
+//! ViT:  patch conv, [CLS], positions, pre-LN blocks, LayerNorm
+//! E:    word and position embeddings, LayerNorm      SA:  bidirectional self-attention
+//! SA':  the decoder's causal self-attention          CA:  cross-attention to the image tokens
+//! FF:   feed-forward network                         the same letters hold the same weights
 //! ```
 //!
 //! - Image encoder: [`VisionTransformer`] in the encoder layout ([`VitConfig::encoder`]: a patch
 //!   bias, no `ln_pre`, no projection, LayerNorm epsilon 1e-5 as in `transformers`), every token
 //!   out.
-//! - Unimodal text encoder ([`Blip::encode_text`]): the MED without cross-attention, [CLS] first;
-//!   its [CLS] through `text_proj` is the text feature of image-text contrastive learning (ITC,
+//! - Unimodal text encoder ([`Blip::encode_text`]): the MED without cross-attention, `[CLS]` first;
+//!   its `[CLS]` through `text_proj` is the text feature of image-text contrastive learning (ITC,
 //!   with a learnable temperature `temp`, momentum distillation and feature queues).
 //! - Image-grounded text encoder ([`Blip::encode_multimodal`]): the same layers with
-//!   cross-attention to every image token, [ENC] first; its [ENC] through `itm_head` gives the
+//!   cross-attention to every image token, `[ENC]` first; its `[ENC]` through `itm_head` gives the
 //!   image-text matching logits (ITM, with hard negatives).
 //! - Image-grounded text decoder ([`Blip::decoder_logits`]): the same embeddings, cross-attention
-//!   and feed-forward networks, but its own causal self-attention in every layer, [DEC] first;
+//!   and feed-forward networks, but its own causal self-attention in every layer, `[DEC]` first;
 //!   `lm_head` (decoder tied to the word embeddings) gives next-token logits for language
 //!   modelling (LM, cross-entropy with label smoothing 0.1, [`Blip::lm_loss`]) and captioning
 //!   ([`generate_captions`]).
@@ -50,7 +52,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::bert::{BertAttention, BertConfig, BertLmHead, BertModel, EncoderStates};
+use super::albef::NamedTensors;
+use super::bert::{BertAttention, BertConfig, BertLmHead, BertModel, DecodingCache, EncoderStates};
 use super::layers::{Activation, Linear, TransformerShape};
 use super::vit::{VisionTransformer, VitConfig};
 use super::ModelError;
@@ -115,9 +118,15 @@ impl BlipConfig {
     ///   768, 512 positions as in the checkpoints); features of 256; queues of 57,600; 30 text
     ///   tokens unless `context_length` is given.
     ///
-    /// `vocab_size` (including [DEC] and [ENC]) and `special` come from the tokenizer.
-    pub fn preset(name: &str, vocab_size: i64, special: BlipTokens, context_length: Option<i64>) -> Result<Self, ModelError> {
-        let shape = |width, layers, heads| TransformerShape { width, layers, heads, mlp_ratio: 4.0, layer_norm_eps: 1e-5 };
+    /// `vocab_size` (including `[DEC]` and `[ENC]`) and `special` come from the tokenizer.
+    pub fn preset(
+        name: &str,
+        vocab_size: i64,
+        special: BlipTokens,
+        context_length: Option<i64>,
+    ) -> Result<Self, ModelError> {
+        let shape =
+            |width, layers, heads| TransformerShape { width, layers, heads, mlp_ratio: 4.0, layer_norm_eps: 1e-5 };
         let (vision, width, layers, heads, intermediate, positions, embed_dim, queue_size, context) = match name {
             "tiny" => (VitConfig::encoder(32, 8, shape(64, 2, 4)), 64, 2, 4, 256, 64, 64, 64, 32),
             "base" => (VitConfig::encoder(224, 16, shape(768, 12, 12)), 768, 12, 12, 3072, 512, 256, 57600, 30),
@@ -166,7 +175,10 @@ impl BlipConfig {
             ));
         }
         if self.text.type_vocab_size != 0 {
-            problems.push(format!("text.type_vocab_size is {}, must be 0: BLIP's text model has no token types", self.text.type_vocab_size));
+            problems.push(format!(
+                "text.type_vocab_size is {}, must be 0: BLIP's text model has no token types",
+                self.text.type_vocab_size
+            ));
         }
         let image_width = self.vision.transformer.width;
         match self.text.encoder_hidden_size {
@@ -175,9 +187,8 @@ impl BlipConfig {
                  the image tokens (set text.encoder_hidden_size to {image_width})",
                 self.text.hidden_size
             )),
-            Some(width) if width != image_width => {
-                problems.push(format!("text.encoder_hidden_size {width} differs from vision.transformer.width {image_width}"))
-            }
+            Some(width) if width != image_width => problems
+                .push(format!("text.encoder_hidden_size {width} differs from vision.transformer.width {image_width}")),
             _ => {}
         }
         for (name, value) in [("embed_dim", self.embed_dim), ("queue_size", self.queue_size)] {
@@ -215,7 +226,10 @@ impl BlipConfig {
             }
         }
         if self.text.pad_token_id != Some(self.pad_token_id) {
-            problems.push(format!("pad_token_id {} differs from text.pad_token_id {:?}", self.pad_token_id, self.text.pad_token_id));
+            problems.push(format!(
+                "pad_token_id {} differs from text.pad_token_id {:?}",
+                self.pad_token_id, self.text.pad_token_id
+            ));
         }
         if self.context_length < 2 || self.context_length > self.text.max_position_embeddings {
             problems.push(format!(
@@ -274,7 +288,8 @@ impl BlipConfig {
         let context = t.encoder_hidden_size.unwrap_or(t.hidden_size) as f64;
         let image_tokens = self.vision.tokens() as f64;
         let layer = 2.0 * l * (4.0 * w * w + 2.0 * w * ff) + 4.0 * l * l * w;
-        let cross_attention = 2.0 * l * 2.0 * w * w + 2.0 * image_tokens * 2.0 * context * w + 4.0 * l * image_tokens * w;
+        let cross_attention =
+            2.0 * l * 2.0 * w * w + 2.0 * image_tokens * 2.0 * context * w + 4.0 * l * image_tokens * w;
         t.num_hidden_layers as f64 * (layer + if cross { cross_attention } else { 0.0 })
     }
 }
@@ -295,10 +310,16 @@ fn vision_problems(v: &VitConfig) -> Vec<String> {
         }
     }
     if v.image_size > 0 && v.patch_size > 0 && v.image_size % v.patch_size != 0 {
-        problems.push(format!("vision.image_size {} is not a multiple of vision.patch_size {}", v.image_size, v.patch_size));
+        problems.push(format!(
+            "vision.image_size {} is not a multiple of vision.patch_size {}",
+            v.image_size, v.patch_size
+        ));
     }
     if t.heads > 0 && t.width % t.heads != 0 {
-        problems.push(format!("vision.transformer.width {} is not a multiple of vision.transformer.heads {}", t.width, t.heads));
+        problems.push(format!(
+            "vision.transformer.width {} is not a multiple of vision.transformer.heads {}",
+            t.width, t.heads
+        ));
     }
     if t.mlp_ratio.is_nan() || t.mlp_ratio <= 0.0 {
         problems.push(format!("vision.transformer.mlp_ratio is {}, must be positive", t.mlp_ratio));
@@ -307,7 +328,9 @@ fn vision_problems(v: &VitConfig) -> Vec<String> {
         problems.push(format!("vision.transformer.layer_norm_eps is {}, must be positive", t.layer_norm_eps));
     }
     if let Some(dim) = v.output_dim {
-        problems.push(format!("vision.output_dim is {dim}, must be None: BLIP projects the image [CLS] with vision_proj outside the tower"));
+        problems.push(format!(
+            "vision.output_dim is {dim}, must be None: BLIP projects the image [CLS] with vision_proj outside the tower"
+        ));
     }
     if !v.patch_bias || v.pre_norm {
         problems.push(format!(
@@ -332,11 +355,11 @@ pub struct Blip {
     /// Language-modelling head of the decoder, under `lm_head.`; its decoder weight is the text
     /// word embeddings.
     pub lm_head: BertLmHead,
-    /// Image [CLS] to the contrastive feature space.
+    /// Image `[CLS]` to the contrastive feature space.
     pub vision_proj: Linear,
-    /// Text [CLS] to the contrastive feature space.
+    /// Text `[CLS]` to the contrastive feature space.
     pub text_proj: Linear,
-    /// Image-grounded [ENC] to the two image-text matching logits (not matched, matched).
+    /// Image-grounded `[ENC]` to the two image-text matching logits (not matched, matched).
     pub itm_head: Linear,
     /// Learnable temperature of the contrastive loss, a scalar.
     pub temp: Tensor,
@@ -384,18 +407,18 @@ impl Blip {
     }
 
     /// Images [batch, 3, H, W] to every image token after the final LayerNorm
-    /// [batch, tokens, width], [CLS] first.
+    /// [batch, tokens, width], `[CLS]` first.
     pub fn encode_image(&self, images: &Tensor) -> Tensor {
         self.visual.forward_tokens(&images.to_kind(self.compute))
     }
 
-    /// The unimodal text encoder: token ids [batch, L] ([CLS] first) with their padding mask
+    /// The unimodal text encoder: token ids [batch, L] (`[CLS]` first) with their padding mask
     /// [batch, L] (non-zero for real tokens) to [batch, L, width], without the image.
     pub fn encode_text(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
         self.text.forward(input_ids, Some(attention_mask), None, false)
     }
 
-    /// The image-grounded text encoder: token ids [batch, L] (the caller puts [ENC] first) with
+    /// The image-grounded text encoder: token ids [batch, L] (the caller puts `[ENC]` first) with
     /// their padding mask attend to themselves (bidirectionally) and to every token of
     /// `image_states` [batch, T, image width]; returns [batch, L, width].
     pub fn encode_multimodal(&self, input_ids: &Tensor, attention_mask: &Tensor, image_states: &Tensor) -> Tensor {
@@ -404,37 +427,38 @@ impl Blip {
     }
 
     /// The image-grounded text decoder with the LM head: token ids [batch, L] (the caller puts
-    /// [DEC] first) with their padding mask attend causally to themselves and to every token of
+    /// `[DEC]` first) with their padding mask attend causally to themselves and to every token of
     /// `image_states`; returns next-token logits [batch, L, vocab] (position `i` predicts token
     /// `i + 1`).
     pub fn decoder_logits(&self, input_ids: &Tensor, attention_mask: &Tensor, image_states: &Tensor) -> Tensor {
-        let h = self.decode(input_ids, Some(attention_mask), image_states);
-        self.lm_head.forward(&h, self.text.embeddings().word_embeddings())
-    }
-
-    /// The decoder's last hidden states [batch, L, width]: the shared MED layers run with the
-    /// decoder's causal self-attention.
-    fn decode(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, image_states: &Tensor) -> Tensor {
         let image = EncoderStates { states: image_states, mask: None };
         let x = self.text.embed(input_ids, None);
         let layers = 0..self.config.text.num_hidden_layers;
-        self.text.forward_layers_with_self_attention(&x, layers, &self.decoder_self_attention, attention_mask, Some(image), true)
+        let h = self.text.forward_layers_with_self_attention(
+            &x,
+            layers,
+            &self.decoder_self_attention,
+            Some(attention_mask),
+            Some(image),
+            true,
+        );
+        self.lm_head.forward(&h, self.text.embeddings().word_embeddings())
     }
 
     /// The L2-normalised contrastive image feature [batch, embed_dim] of `image_states`
-    /// ([`Blip::encode_image`]): `vision_proj` of the [CLS] token.
+    /// ([`Blip::encode_image`]): `vision_proj` of the `[CLS]` token.
     pub fn image_feature(&self, image_states: &Tensor) -> Tensor {
         normalize(&image_states.select(1, 0).apply(&self.vision_proj))
     }
 
     /// The L2-normalised contrastive text feature [batch, embed_dim] of `text_states`
-    /// ([`Blip::encode_text`]): `text_proj` of the [CLS] token.
+    /// ([`Blip::encode_text`]): `text_proj` of the `[CLS]` token.
     pub fn text_feature(&self, text_states: &Tensor) -> Tensor {
         normalize(&text_states.select(1, 0).apply(&self.text_proj))
     }
 
     /// Image-text matching logits [batch, 2] of image-grounded states
-    /// ([`Blip::encode_multimodal`]): `itm_head` of the [ENC] token; class 1 is "matched".
+    /// ([`Blip::encode_multimodal`]): `itm_head` of the `[ENC]` token; class 1 is "matched".
     pub fn itm_logits(&self, multimodal_states: &Tensor) -> Tensor {
         multimodal_states.select(1, 0).apply(&self.itm_head)
     }
@@ -450,7 +474,13 @@ impl Blip {
         let predicted = attention_mask.narrow(1, 1, l - 1).ne(0);
         let labels = targets.masked_fill(&predicted.logical_not(), IGNORE_INDEX);
         let logits = logits.narrow(1, 0, l - 1).to_kind(Kind::Float).reshape([b * (l - 1), v]);
-        logits.cross_entropy_loss::<Tensor>(&labels.reshape([-1]), None, Reduction::Mean, IGNORE_INDEX, self.config.label_smoothing)
+        logits.cross_entropy_loss::<Tensor>(
+            &labels.reshape([-1]),
+            None,
+            Reduction::Mean,
+            IGNORE_INDEX,
+            self.config.label_smoothing,
+        )
     }
 
     /// Keeps the temperature in [0.001, 0.5] (after every optimizer step), in place, without grad.
@@ -480,33 +510,34 @@ fn normalize(x: &Tensor) -> Tensor {
     x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
 }
 
-/// How [`generate_captions`] decodes. Lengths count the [DEC] token, as `transformers`'
+/// How [`generate_captions`] decodes. Lengths count the `[DEC]` token, as `transformers`'
 /// `generate(max_length=..., min_length=...)` and BLIP's `generate` do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CaptionOptions {
-    /// Longest sequence, [DEC] included: at most `max_length - 1` tokens are generated (at least 2).
+    /// Longest sequence, `[DEC]` included: at most `max_length - 1` tokens are generated (at least 2).
     pub max_length: usize,
-    /// [SEP] cannot end a sequence shorter than this, [DEC] included (0 or 1: no minimum).
+    /// `[SEP]` cannot end a sequence shorter than this, `[DEC]` included (0 or 1: no minimum).
     pub min_length: usize,
     /// 1 for greedy decoding, more for beam search with this many beams.
     pub num_beams: usize,
 }
 
-/// Captions of `images` [batch, 3, H, W]: the decoder, starting from [DEC], extended greedily
-/// (`num_beams` 1) or by beam search until [SEP] (per sequence) or `max_length`, without
+/// Captions of `images` [batch, 3, H, W]: the decoder, starting from `[DEC]`, extended greedily
+/// (`num_beams` 1) or by beam search until `[SEP]` (per sequence) or `max_length`, without
 /// autograd, in the model's compute kind (log-probabilities in fp32). Returns each image's
-/// token ids after [DEC], up to and including the [SEP] that ended the caption (a caption
-/// that reached `max_length` has no [SEP]).
+/// token ids after `[DEC]`, up to and including the `[SEP]` that ended the caption (a caption
+/// that reached `max_length` has no `[SEP]`).
 ///
 /// The search is `transformers`' `generate` with its defaults (as
 /// `BlipForConditionalGeneration.generate(pixel_values, num_beams=k, max_length=..., min_length=...)`):
 /// greedy takes the arg-max token; beam search keeps `num_beams` running beams scored by their
 /// summed log-probabilities, considers the best `2 * num_beams` continuations at every step, files
-/// a continuation that ends in [SEP] (or reaches `max_length`) among the `num_beams` best
+/// a continuation that ends in `[SEP]` (or reaches `max_length`) among the `num_beams` best
 /// finished captions when it ranks among the first `num_beams`, scoring it by its summed
 /// log-probability over its generated length (length penalty 1), and stops an image once the
 /// best running beam's score over the current length cannot beat the worst of `num_beams`
-/// finished captions. The prefix is recomputed at every step (no key/value cache).
+/// finished captions. Each step runs the decoder on the new tokens only, with the keys and
+/// values of the earlier tokens and of the image tokens cached ([`BertModel::decode_cached`]).
 pub fn generate_captions(model: &Blip, images: &Tensor, options: &CaptionOptions) -> Vec<Vec<i64>> {
     let config = model.config();
     assert!(options.max_length >= 2, "max_length {} leaves no token to generate after [DEC]", options.max_length);
@@ -533,41 +564,55 @@ pub fn generate_captions(model: &Blip, images: &Tensor, options: &CaptionOptions
     })
 }
 
-/// Next-token logits [sequences, vocab] in fp32 after each of `sequences` (each starting with
-/// [DEC], all of one length), whose images are rows `rows` of `image_states`. [SEP] is
-/// impossible while the sequences are shorter than `min_length`.
-fn next_token_logits(model: &Blip, sequences: &[Vec<i64>], image_states: &Tensor, rows: &[i64], min_length: usize) -> Tensor {
-    let device = image_states.device();
-    let length = sequences[0].len();
-    let ids = Tensor::from_slice(&sequences.concat()).view([sequences.len() as i64, length as i64]).to_device(device);
-    let states = image_states.index_select(0, &Tensor::from_slice(rows).to_device(device));
-    let h = model.decode(&ids, None, &states).select(1, length as i64 - 1);
-    let mut logits = model.lm_head.forward(&h, model.text.embeddings().word_embeddings()).to_kind(Kind::Float);
-    if length < min_length {
-        let sep = Tensor::from_slice(&[model.config().sep_token_id]).to_device(device);
-        let _ = logits.index_fill_(1, &sep, f64::NEG_INFINITY);
+/// Next-token logits [sequences, vocab] in fp32 after the sequences in `cache` extended by
+/// `tokens` (one per sequence), which join the cache.
+fn next_token_logits(model: &Blip, tokens: &[i64], cache: &mut DecodingCache) -> Tensor {
+    let device = model.temp.device();
+    let ids = Tensor::from_slice(tokens).view([tokens.len() as i64, 1]).to_device(device);
+    let h = model.text.decode_cached(&ids, Some(&model.decoder_self_attention), cache).select(1, 0);
+    model.lm_head.forward(&h, model.text.embeddings().word_embeddings()).to_kind(Kind::Float)
+}
+
+/// Rows `rows` of a batch, as an index tensor on `device`.
+fn row_index(rows: &[i64], device: Device) -> Tensor {
+    Tensor::from_slice(rows).to_device(device)
+}
+
+/// `scores` [sequences, vocab] (logits, or log-probabilities as they are, not renormalised) with
+/// `[SEP]` made impossible while the sequences, of `length` tokens, are shorter than `min_length`
+/// (`transformers`' `MinLengthLogitsProcessor`).
+fn forbid_sep_before(scores: Tensor, length: usize, min_length: usize, sep: i64) -> Tensor {
+    if length >= min_length {
+        return scores;
     }
-    logits
+    let sep = Tensor::from_slice(&[sep]).to_device(scores.device());
+    scores.index_fill(1, &sep, f64::NEG_INFINITY)
 }
 
 /// Greedy decoding of every image of `image_states`.
 fn greedy(model: &Blip, image_states: &Tensor, options: &CaptionOptions) -> Vec<Vec<i64>> {
     let (bos, sep) = (model.config().bos_token_id, model.config().sep_token_id);
     let batch = image_states.size()[0] as usize;
+    let mut cache = model.text.decoding_cache(Some(image_states));
     let mut sequences = vec![vec![bos]; batch];
+    // The images still decoding, in the cache's row order.
     let mut open: Vec<usize> = (0..batch).collect();
-    for _ in 1..options.max_length {
-        if open.is_empty() {
-            break;
-        }
-        let prefixes: Vec<Vec<i64>> = open.iter().map(|&i| sequences[i].clone()).collect();
-        let rows: Vec<i64> = open.iter().map(|&i| i as i64).collect();
-        let logits = next_token_logits(model, &prefixes, image_states, &rows, options.min_length);
+    for length in 1..options.max_length {
+        let last: Vec<i64> = open.iter().map(|&i| sequences[i][length - 1]).collect();
+        let logits = forbid_sep_before(next_token_logits(model, &last, &mut cache), length, options.min_length, sep);
         let next = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu)).expect("token ids");
         for (&i, token) in open.iter().zip(next) {
             sequences[i].push(token);
         }
-        open.retain(|&i| sequences[i].last() != Some(&sep));
+        let still: Vec<i64> =
+            (0..open.len()).filter(|&r| sequences[open[r]][length] != sep).map(|r| r as i64).collect();
+        if still.is_empty() {
+            break;
+        }
+        if still.len() < open.len() {
+            cache.select(&row_index(&still, image_states.device()));
+            open = still.iter().map(|&r| open[r as usize]).collect();
+        }
     }
     sequences.into_iter().map(|s| s[1..].to_vec()).collect()
 }
@@ -576,7 +621,7 @@ fn greedy(model: &Blip, image_states: &Tensor, options: &CaptionOptions) -> Vec<
 /// (`transformers`' -1e9).
 const EXCLUDED: f32 = -1.0e9;
 
-/// One image's beam search: running beams (tokens after [DEC]) with their summed
+/// One image's beam search: running beams (tokens after `[DEC]`) with their summed
 /// log-probabilities, the best finished captions with their length-normalised scores (best
 /// first), and whether a running beam may still beat the finished ones.
 #[derive(Debug)]
@@ -590,9 +635,16 @@ struct Beams {
 
 impl Beams {
     /// One step from the top `2 * k` continuations of all running beams, best first:
-    /// `(summed log-probability, beam, token)`. `generated` counts the tokens after [DEC]
+    /// `(summed log-probability, beam, token)`. `generated` counts the tokens after `[DEC]`
     /// including the new one; `at_max_length` says whether the new token reaches `max_length`.
-    fn step(&mut self, candidates: &[(f32, usize, i64)], generated: usize, at_max_length: bool, sep: i64) {
+    /// Returns the beam each new running beam continues.
+    fn step(
+        &mut self,
+        candidates: &[(f32, usize, i64)],
+        generated: usize,
+        at_max_length: bool,
+        sep: i64,
+    ) -> Vec<usize> {
         let k = self.running.len();
         let extend = |beam: usize, token: i64| {
             let mut sequence = self.running[beam].clone();
@@ -620,18 +672,16 @@ impl Beams {
             .map(|(c, (&(score, _, _), &hit))| (if hit { score + EXCLUDED } else { score }, c))
             .collect();
         order.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let (running, scores): (Vec<_>, Vec<_>) = order[..k]
-            .iter()
-            .map(|&(score, c)| (extend(candidates[c].1, candidates[c].2), score))
-            .unzip();
-        self.running = running;
-        self.running_scores = scores;
+        let sources: Vec<usize> = order[..k].iter().map(|&(_, c)| candidates[c].1).collect();
+        self.running = order[..k].iter().map(|&(_, c)| extend(candidates[c].1, candidates[c].2)).collect();
+        self.running_scores = order[..k].iter().map(|&(score, _)| score).collect();
         // Stop when the best running beam, at the current length, cannot beat the worst finished caption.
         if self.finished.len() == k {
             let worst = self.finished[k - 1].0;
             self.open &= self.running_scores[0] / generated as f32 > worst;
         }
         self.done = !self.open || hits.iter().all(|&h| h);
+        sources
     }
 }
 
@@ -644,34 +694,46 @@ fn beam_search(model: &Blip, image_states: &Tensor, options: &CaptionOptions) ->
     let mut first_scores = vec![EXCLUDED; k];
     first_scores[0] = 0.0;
     let mut beams: Vec<Beams> = (0..batch)
-        .map(|_| Beams { running: vec![Vec::new(); k], running_scores: first_scores.clone(), finished: Vec::new(), open: true, done: false })
+        .map(|_| Beams {
+            running: vec![Vec::new(); k],
+            running_scores: first_scores.clone(),
+            finished: Vec::new(),
+            open: true,
+            done: false,
+        })
         .collect();
+    // Row `j * k + b` of the cache is beam `b` of the `j`-th image still searching.
+    let every_beam: Vec<i64> = (0..batch as i64).flat_map(|i| std::iter::repeat_n(i, k)).collect();
+    let mut cache = model.text.decoding_cache(Some(&image_states.index_select(0, &row_index(&every_beam, device))));
+    let mut open: Vec<usize> = (0..batch).collect();
     for length in 1..options.max_length {
-        let open: Vec<usize> = (0..batch).filter(|&i| !beams[i].done).collect();
-        if open.is_empty() {
-            break;
-        }
-        let prefixes: Vec<Vec<i64>> =
-            open.iter().flat_map(|&i| beams[i].running.iter().map(|s| [&[bos][..], s].concat())).collect();
-        let rows: Vec<i64> = open.iter().flat_map(|&i| std::iter::repeat_n(i as i64, k)).collect();
+        let last: Vec<i64> =
+            open.iter().flat_map(|&i| beams[i].running.iter().map(|s| s.last().copied().unwrap_or(bos))).collect();
         let scores: Vec<f32> = open.iter().flat_map(|&i| beams[i].running_scores.iter().copied()).collect();
-        let logits = next_token_logits(model, &prefixes, image_states, &rows, options.min_length);
+        let logits = next_token_logits(model, &last, &mut cache);
         let vocab = logits.size()[1];
-        let summed = logits.log_softmax(-1, Kind::Float) + Tensor::from_slice(&scores).to_device(device).unsqueeze(1);
+        let log_probs = forbid_sep_before(logits.log_softmax(-1, Kind::Float), length, options.min_length, sep);
+        let summed = log_probs + Tensor::from_slice(&scores).to_device(device).unsqueeze(1);
         let (values, indices) = summed.view([open.len() as i64, k as i64 * vocab]).topk(2 * k as i64, -1, true, true);
         let values = Vec::<f32>::try_from(values.to_device(Device::Cpu).reshape([-1])).expect("fp32 scores");
         let indices = Vec::<i64>::try_from(indices.to_device(Device::Cpu).reshape([-1])).expect("indices");
+        let mut rows = Vec::new();
         for (j, &i) in open.iter().enumerate() {
             let candidates: Vec<(f32, usize, i64)> = (2 * k * j..2 * k * (j + 1))
                 .map(|c| (values[c], (indices[c] / vocab) as usize, indices[c] % vocab))
                 .collect();
-            beams[i].step(&candidates, length, length + 1 >= options.max_length, sep);
+            let sources = beams[i].step(&candidates, length, length + 1 >= options.max_length, sep);
+            if !beams[i].done {
+                rows.extend(sources.into_iter().map(|b| (j * k + b) as i64));
+            }
         }
+        open.retain(|&i| !beams[i].done);
+        if open.is_empty() {
+            break;
+        }
+        cache.select(&row_index(&rows, device));
     }
-    beams
-        .into_iter()
-        .map(|b| b.finished.into_iter().next().expect("a finished caption by max_length").1)
-        .collect()
+    beams.into_iter().map(|b| b.finished.into_iter().next().expect("a finished caption by max_length").1).collect()
 }
 
 /// One parameter in a `transformers` layout: its key and shape there, braid's name and shape,
@@ -712,7 +774,11 @@ fn key_map(config: &BlipConfig, layout: Layout) -> Vec<KeyPair> {
     let v = &config.vision;
     let w = v.transformer.width;
     let hidden = (w as f64 * v.transformer.mlp_ratio) as i64;
-    pair("vision_model.embeddings.patch_embedding.weight".into(), "visual.conv1.weight".into(), vec![w, 3, v.patch_size, v.patch_size]);
+    pair(
+        "vision_model.embeddings.patch_embedding.weight".into(),
+        "visual.conv1.weight".into(),
+        vec![w, 3, v.patch_size, v.patch_size],
+    );
     pair("vision_model.embeddings.patch_embedding.bias".into(), "visual.conv1.bias".into(), vec![w]);
     for i in 0..v.transformer.layers {
         let (hf, braid) = (format!("vision_model.encoder.layers.{i}."), format!("visual.transformer.resblocks.{i}."));
@@ -911,7 +977,13 @@ pub fn import_transformers(
             };
             seen.insert(key.as_str());
             if t.size() != pair.key_shape {
-                problems.push(format!("{} key {key:?} has shape {:?}, braid's {} needs {:?}", layout.name(), t.size(), pair.braid, pair.key_shape));
+                problems.push(format!(
+                    "{} key {key:?} has shape {:?}, braid's {} needs {:?}",
+                    layout.name(),
+                    t.size(),
+                    pair.braid,
+                    pair.key_shape
+                ));
                 continue;
             }
             let t = t.detach().reshape(pair.shape.as_slice());
@@ -937,7 +1009,8 @@ pub fn import_transformers(
         if !unexpected.is_empty() {
             let shown = unexpected.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
             let more = if unexpected.len() > 8 { format!(" and {} more", unexpected.len() - 8) } else { String::new() };
-            problems.push(format!("{} has unexpected keys {shown}{more} (a different number of layers?)", layout.name()));
+            problems
+                .push(format!("{} has unexpected keys {shown}{more} (a different number of layers?)", layout.name()));
         }
     }
     for (source, braid, t) in aliases {
@@ -971,12 +1044,14 @@ fn same_values(a: &Tensor, b: &Tensor) -> bool {
 /// embeddings) and `decoder.bias`, so both results load with `load_state_dict(strict=True)`.
 /// `temp` and names outside the map are left out, and so are mapped names absent from
 /// `params`. The tensors share storage with `params`.
-pub fn export_transformers(params: &[(String, Tensor)], config: &BlipConfig) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+pub fn export_transformers(params: &[(String, Tensor)], config: &BlipConfig) -> (NamedTensors, NamedTensors) {
     let by_name: HashMap<&str, &Tensor> = params.iter().map(|(name, t)| (name.as_str(), t)).collect();
     let export = |layout| {
         key_map(config, layout)
             .into_iter()
-            .filter_map(|pair| by_name.get(pair.braid.as_str()).map(|t| (pair.key, t.detach().reshape(pair.key_shape.as_slice()))))
+            .filter_map(|pair| {
+                by_name.get(pair.braid.as_str()).map(|t| (pair.key, t.detach().reshape(pair.key_shape.as_slice())))
+            })
             .collect()
     };
     (export(Layout::Retrieval), export(Layout::Captioning))

@@ -197,12 +197,16 @@ pub fn run_generation(
         let collective_wait = timed.waited;
         held.step = Some(step);
         held.pristine = false;
+        if braid_coordinator::failpoint::trigger("corrupt-momentum", step) {
+            state_sync::corrupt_momentum(&held.trainer, rank, step);
+        }
         if let Some(ledger) = ctx.ledger {
             ledger.lock().unwrap_or_else(|e| e.into_inner()).applied(generation, step, rank, world_size, stats.loss);
         }
         ctx.step_now.store(step, Ordering::Relaxed);
         if rank == 0 && (step % config.telemetry.log_every_steps.max(1) == 0 || step + 1 == total) {
-            tracing::info!(step, loss = stats.loss, lr = stats.lr, grad_norm = stats.grad_norm, logit_scale = stats.logit_scale, "step");
+            let terms: Vec<String> = stats.parts.iter().map(|(name, value)| format!("{name}={value:.4}")).collect();
+            tracing::info!(step, loss = stats.loss, terms = terms.join(" "), lr = stats.lr, grad_norm = stats.grad_norm, logit_scale = stats.logit_scale, "step");
         }
         let report = StepReport {
             header: None,
@@ -217,6 +221,7 @@ pub fn run_generation(
             data_wait_seconds: batch.data_wait.as_secs_f64(),
             skipped_samples: loader.corrupt_samples(),
             collective_wait_seconds: collective_wait.as_secs_f64(),
+            state_digest: state_sync::check_digest(&held.trainer, config, step, world_size),
         };
         let reply = match runtime.block_on(client.report_step(report)) {
             Ok(reply) => {
@@ -235,6 +240,7 @@ pub fn run_generation(
             }
             Err(e) => return Err(e.into()),
         };
+        state_sync::resync(held, coll.as_mut(), &reply, step, config.cluster.bucket_bytes())?;
         let last = step + 1 == total;
         let requested = reply.checkpoint_step == Some(step);
         let stop_here = requested && reply.stop_after_checkpoint;

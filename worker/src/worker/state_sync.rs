@@ -2,11 +2,16 @@
 //! in-memory state a member holds, broadcast from that rank to all others (survivors keep
 //! training without reading a checkpoint, newcomers receive the state); else a committed
 //! checkpoint; else a fresh initialisation (with `[model] init_from` applied).
+//!
+//! Also the worker's side of the replica consistency check (DESIGN.md, "EMA / momentum
+//! state"): the digest a rank reports at state check steps, the resync the coordinator orders
+//! when digests differ, and the `corrupt-momentum` failpoint that makes a replica drift.
 
 use braid_coordinator::config::JobConfig;
-use braid_proto::DataPlanReply;
+use braid_proto::{DataPlanReply, StepReply};
 use tch::{Kind, Tensor};
 
+use super::generation::Held;
 use super::WorkerError;
 use crate::checkpoint::CheckpointStore;
 use crate::collective::{broadcast_buckets, Collective};
@@ -86,4 +91,67 @@ pub fn broadcast_state(trainer: &mut Trainer, coll: &mut dyn Collective, root: u
         .collect();
     trainer.load_state(received, &format!("rank {root}'s state"))?;
     Ok(())
+}
+
+/// The digest of this rank's replicated state to report after `step`: at state check steps
+/// ([`is_state_check_step`](braid_coordinator::state::is_state_check_step)) of a generation
+/// of more than one rank; empty otherwise (a single replica has nothing to agree with).
+pub fn check_digest(trainer: &Trainer, config: &JobConfig, step: u64, world_size: usize) -> String {
+    if world_size > 1 && braid_coordinator::state::is_state_check_step(&config.train, step) {
+        trainer.replica_digest()
+    } else {
+        String::new()
+    }
+}
+
+/// Carries out the coordinator's resync order in the reply to the report of `step`, if it
+/// holds one: every rank takes rank `resync_from_rank`'s state by broadcast before the next
+/// step. A drifted rank whose resync fails forgets which step it holds, so its state never
+/// seeds a later generation.
+pub fn resync(held: &mut Held, coll: &mut dyn Collective, reply: &StepReply, step: u64, bucket_bytes: usize) -> Result<(), WorkerError> {
+    let Some(source) = reply.resync_from_rank else { return Ok(()) };
+    let rank = coll.rank();
+    let drifted = reply.drifted_ranks.contains(&(rank as u32));
+    if drifted {
+        tracing::warn!(rank, step, "this rank's state digest differed from rank {source}'s: its replica drifted");
+    }
+    if let Err(e) = broadcast_state(&mut held.trainer, coll, source as usize, bucket_bytes) {
+        if drifted {
+            held.step = None;
+        }
+        return Err(e);
+    }
+    tracing::warn!(rank, step, drifted_ranks = ?reply.drifted_ranks, "resynchronised from rank {source} before step {}", step + 1);
+    Ok(())
+}
+
+/// The `corrupt-momentum` failpoint: adds a deterministic perturbation (a sine pattern whose
+/// phase depends on the rank, 5% of each tensor's mean magnitude; the random generators are
+/// left alone, so the run stays reproducible) to every momentum encoder tensor of this rank, or
+/// to every parameter when the family keeps no momentum encoder (CLIP).
+pub fn corrupt_momentum(trainer: &Trainer, rank: usize, step: u64) {
+    let state = trainer.state();
+    let momentum = state.iter().any(|(name, _)| name.starts_with("momentum."));
+    let prefix = if momentum { "momentum." } else { "model." };
+    let mut perturbed = 0;
+    tch::no_grad(|| {
+        for (_, t) in state.iter().filter(|(name, _)| name.starts_with(prefix)) {
+            if !t.is_floating_point() || t.numel() == 0 {
+                continue;
+            }
+            let scale = t.to_kind(Kind::Double).abs().mean(Kind::Double).double_value(&[]) * 0.05 + 1e-4;
+            let n = t.numel() as i64;
+            let pattern = (Tensor::arange(n, (Kind::Double, t.device())) * 0.7 + (0.3 + rank as f64)).sin() * scale;
+            let mut target = t.shallow_clone();
+            target += pattern.reshape(t.size()).to_kind(t.kind());
+            perturbed += 1;
+        }
+    });
+    tracing::error!(
+        rank,
+        step,
+        tensors = perturbed,
+        "FAILPOINT corrupt-momentum: perturbed this rank's {} tensors on purpose after the update of step {step}",
+        if momentum { "momentum encoder" } else { "parameter (the family keeps no momentum encoder)" }
+    );
 }
