@@ -21,6 +21,7 @@ use braid::models::blip::{
 use braid::models::layers::TransformerShape;
 use braid::models::vit::VitConfig;
 use braid::models::ModelError;
+use braid::trainer::seeded;
 use tch::{nn, Device, Kind, Tensor};
 
 /// The tiny models, their inputs and the outputs compared, shared by both scripts.
@@ -340,18 +341,26 @@ fn exported_weights_load_strictly_into_transformers_and_match() {
     check_outputs(&python, &model);
 }
 
-/// A tiny model with every parameter perturbed, and its parameters.
-fn perturbed(config: BlipConfig, seed: i64) -> (nn::VarStore, Blip, Vec<(String, Tensor)>) {
+/// A tiny model with every parameter perturbed (the same for one seed, whatever other tests
+/// draw meanwhile), and its parameters.
+fn perturbed(config: BlipConfig, seed: u64) -> (nn::VarStore, Blip, Vec<(String, Tensor)>) {
     let vs = nn::VarStore::new(Device::Cpu);
-    tch::manual_seed(seed);
-    let model = Blip::new(&vs.root(), config);
-    tch::no_grad(|| {
-        for (_, t) in vs.variables() {
-            let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.1));
-        }
+    let model = seeded(seed, || {
+        let model = Blip::new(&vs.root(), config);
+        tch::no_grad(|| {
+            for (_, t) in named(&vs) {
+                let _ = t.shallow_clone().g_add_(&(t.randn_like() * 0.1));
+            }
+        });
+        model
     });
     let params = named(&vs);
     (vs, model, params)
+}
+
+/// Two random 32x32 images.
+fn images(seed: u64) -> Tensor {
+    seeded(seed, || Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu)))
 }
 
 #[test]
@@ -429,7 +438,7 @@ fn import_of_export_is_the_identity_and_errors_name_the_keys() {
 #[test]
 fn objectives_share_every_block_but_the_self_attention() {
     let config = tiny();
-    let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let images = images(8);
     let ids = Tensor::from_slice(&[97i64, 5, 6, 7, SEP, 97, 8, 9, SEP, 0]).view([2, 5]);
     let mask = ids.ne(0).to_kind(Kind::Int64);
     let reached = |loss: &dyn Fn(&Blip, &Tensor) -> Tensor| -> BTreeSet<String> {
@@ -560,7 +569,7 @@ fn flop_count_matches_published_costs() {
 fn bf16_forward_keeps_fp32_parameters_and_tracks_fp32() {
     let config = tiny();
     let (vs, mut model, _) = perturbed(config, 6);
-    let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let images = images(9);
     let ids = Tensor::from_slice(&[97i64, 5, 6, 7, SEP, 97, 8, 9, SEP, 0]).view([2, 5]);
     let mask = ids.ne(0).to_kind(Kind::Int64);
     let fp32 = tch::no_grad(|| model.decoder_logits(&ids, &mask, &model.encode_image(&images)));
@@ -587,7 +596,7 @@ fn cached_decoding_equals_the_full_decoder() {
     let config = tiny();
     let (_vs, model, _) = perturbed(config, 7);
     tch::no_grad(|| {
-        let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let images = images(10);
         let image = model.encode_image(&images);
         let ids = Tensor::from_slice(&[97i64, 5, 6, 7, 8, 9, 97, 10, 11, 12, 13, 14]).view([2, 6]);
         let full = model.decoder_logits(&ids, &Tensor::ones([2, 6], (Kind::Int64, Device::Cpu)), &image);

@@ -54,6 +54,18 @@ impl HardNegatives {
     }
 }
 
+/// The hard negatives drawn for one sample in a step, as columns of the candidates: the
+/// gathered global batch (`global`) or this rank's batch (`per_worker`), in rank order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrawnNegatives {
+    /// The sample's global position.
+    pub position: i64,
+    /// The negative caption's column, if one could be drawn.
+    pub text: Option<usize>,
+    /// The negative image's column, if one could be drawn.
+    pub image: Option<usize>,
+}
+
 /// ALBEF, its momentum encoders and queues, and its objectives' settings.
 pub struct AlbefFamily {
     /// The model (its parameters live in the trainer's variable store).
@@ -82,11 +94,15 @@ pub struct AlbefFamily {
     /// This step's gathered momentum features and valid flags, enqueued after the update (a
     /// step that fails before its update leaves the queues as they were).
     pending: Option<(Tensor, Tensor, Tensor)>,
+    /// The hard negatives of the last step's valid samples.
+    last_negatives: Vec<DrawnNegatives>,
 }
 
 impl AlbefFamily {
     /// A freshly initialised ALBEF under `vs`'s root, seeded by the job seed; momentum encoders
-    /// start equal to it and the queues with random unit features (both seeded too).
+    /// start equal to it and the queues with random unit features (both seeded too). The queue
+    /// size, momentum, distillation weight and masking probability are `albef`'s; the job's
+    /// `[model]` keys set them in [`super::model_spec`].
     pub fn new(
         vs: &mut nn::VarStore,
         config: &JobConfig,
@@ -95,9 +111,11 @@ impl AlbefFamily {
         precision: Precision,
     ) -> Result<Self, TrainError> {
         let seed = config.job.seed;
-        let mut model = seeded(seed, || Albef::new(&vs.root(), albef.clone()));
+        let mut model = seeded(seed, || Albef::new(&vs.root(), albef));
         let mut momentum_store = nn::VarStore::new(vs.device());
-        let mut momentum_model = Albef::new(&momentum_store.root(), albef.clone());
+        // Its initial values are overwritten by the copy; drawing them under the generator's lock
+        // keeps other threads' seeded draws (ranks as threads in tests) undisturbed.
+        let mut momentum_model = seeded(seed, || Albef::new(&momentum_store.root(), albef));
         if precision == Precision::Fp64 {
             vs.double();
             momentum_store.double();
@@ -109,11 +127,11 @@ impl AlbefFamily {
         let momentum = MomentumCopy::over(momentum_params(&momentum_store), &momentum_sources)?;
 
         let kind = precision.param_kind();
-        let queue_size = config.model.queue_size() as i64;
+        let queue_size = albef.queue_size;
         let image_queue = FeatureQueue::new(queue_size, albef.embed_dim, seed ^ 0x1A6E, kind, vs.device());
         let text_queue = FeatureQueue::new(queue_size, albef.embed_dim, seed ^ 0x7E47, kind, vs.device());
         let masking = MaskingConfig {
-            probability: config.model.mlm_probability,
+            probability: albef.mlm_probability,
             whole_word: config.model.whole_word_masking,
             ..MaskingConfig::default()
         };
@@ -134,8 +152,8 @@ impl AlbefFamily {
             image_queue,
             text_queue,
             masker,
-            m: config.model.momentum,
-            alpha: config.model.alpha,
+            m: albef.momentum,
+            alpha: albef.alpha,
             alpha_ramp_steps: config.model.alpha_ramp_steps,
             epoch_steps: 0,
             hard_negatives: HardNegatives::parse(&config.model.hard_negatives).expect("validated hard_negatives"),
@@ -143,6 +161,7 @@ impl AlbefFamily {
             global_batch: config.train.global_batch,
             kind,
             pending: None,
+            last_negatives: Vec::new(),
         })
     }
 
@@ -150,6 +169,11 @@ impl AlbefFamily {
     /// epoch (ALBEF's schedule).
     pub fn alpha_at(&self, step: u64) -> f64 {
         distill::alpha_at(step, self.alpha_ramp_steps.unwrap_or(self.epoch_steps), self.alpha)
+    }
+
+    /// The hard negatives drawn in the last step for this rank's valid samples.
+    pub fn last_negatives(&self) -> &[DrawnNegatives] {
+        &self.last_negatives
     }
 
     /// MLM inputs of a batch: masked ids and labels `[B, L]` on the batch's device (padding
@@ -257,6 +281,12 @@ impl Family for AlbefFamily {
         let weights_t2i = itm::hard_negative_weights(&sim_t2i, &own_columns, &valid_columns, 0.0);
         let negative_texts = itm::draw_negatives(&weights_i2t, &positions, self.seed, step, Direction::TextForImage);
         let negative_images = itm::draw_negatives(&weights_t2i, &positions, self.seed, step, Direction::ImageForText);
+        self.last_negatives = positions
+            .iter()
+            .zip(negative_texts.iter().zip(&negative_images))
+            .filter(|(&position, _)| position >= 0)
+            .map(|(&position, (&text, &image))| DrawnNegatives { position, text, image })
+            .collect();
         let index = |drawn: &[Option<usize>]| -> (Tensor, Tensor) {
             let idx: Vec<i64> = drawn.iter().enumerate().map(|(i, d)| d.map_or(offset + i as i64, |j| j as i64)).collect();
             let found: Vec<f64> = drawn.iter().map(|d| if d.is_some() { 1.0 } else { 0.0 }).collect();

@@ -174,7 +174,12 @@ pub fn model_spec(config: &JobConfig, tokenizer: &dyn TextTokenizer) -> Result<M
             let vocab = MaskingVocab::from_tokenizer(hf).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
             let default_context = if config.model.preset == "tiny" { 32 } else { 30 };
             let context_length = config.model.context_length.map_or(default_context, |c| c as i64);
-            let albef = AlbefConfig::preset(&config.model.preset, vocab_size, i64::from(special.pad), None)?;
+            let mut albef = AlbefConfig::preset(&config.model.preset, vocab_size, i64::from(special.pad), None)?;
+            let m = &config.model;
+            albef.queue_size = m.queue_size() as i64;
+            albef.momentum = m.momentum;
+            albef.alpha = m.alpha;
+            albef.mlm_probability = m.mlm_probability;
             let positions = albef.text.max_position_embeddings;
             if context_length > positions {
                 return Err(TrainError::Model(ModelError::Weights {
@@ -279,7 +284,7 @@ impl Trainer {
         let family: Box<dyn Family> = match &spec {
             ModelSpec::Clip(clip) => Box::new(clip::ClipFamily::new(&mut vs, config, *clip, precision)),
             ModelSpec::Albef { config: albef, vocab, .. } => {
-                Box::new(albef::AlbefFamily::new(&mut vs, config, albef.clone(), vocab.clone(), precision)?)
+                Box::new(albef::AlbefFamily::new(&mut vs, config, *albef, vocab.clone(), precision)?)
             }
         };
         let t = &config.train;
