@@ -129,6 +129,7 @@ fn tiny(type_vocab_size: i64, cross_attention_from_layer: Option<usize>, encoder
         encoder_hidden_size,
         pad_token_id: Some(0),
         layer_norm_eps: 1e-12,
+        initializer_range: 0.02,
     }
 }
 

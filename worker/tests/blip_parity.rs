@@ -177,6 +177,7 @@ fn tiny() -> BlipConfig {
         encoder_hidden_size: Some(48),
         pad_token_id: Some(0),
         layer_norm_eps: 1e-12,
+        initializer_range: 0.02,
     };
     let tokens = BlipTokens { bos_token_id: 97, enc_token_id: 98, sep_token_id: SEP, pad_token_id: 0 };
     BlipConfig { vision, text, embed_dim: 24, ..BlipConfig::preset("tiny", 99, tokens, None).unwrap() }

@@ -43,7 +43,7 @@ use std::collections::{HashMap, HashSet};
 use tch::nn;
 use tch::{Kind, Tensor};
 
-use super::bert::{BertConfig, BertLmHead, BertModel, EncoderStates};
+use super::bert::{BertConfig, INITIALIZER_RANGE, BertLmHead, BertModel, EncoderStates};
 use super::layers::{Activation, Linear, TransformerShape};
 use super::vit::{VisionTransformer, VitConfig};
 use super::ModelError;
@@ -104,6 +104,7 @@ impl AlbefConfig {
             encoder_hidden_size: None,
             pad_token_id: Some(pad_token_id),
             layer_norm_eps: 1e-12,
+            initializer_range: if name == "tiny" { (text_width as f64).powf(-0.5) } else { INITIALIZER_RANGE },
         };
         Ok(Self { vision, text, embed_dim, temp: 0.07, queue_size, momentum: 0.995, alpha: 0.4, mlm_probability: 0.15 })
     }

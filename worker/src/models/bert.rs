@@ -23,7 +23,7 @@ use super::layers::{cast, layer_norm_eps, Activation, LayerNorm, Linear};
 use super::ModelError;
 
 /// Standard deviation of BERT's initial weights (`initializer_range`).
-const INITIALIZER_RANGE: f64 = 0.02;
+pub const INITIALIZER_RANGE: f64 = 0.02;
 
 /// Shape of a BERT-style text transformer (field names follow Hugging Face's `BertConfig`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,6 +52,10 @@ pub struct BertConfig {
     pub pad_token_id: Option<i64>,
     /// Epsilon of every LayerNorm.
     pub layer_norm_eps: f64,
+    /// Standard deviation of the initial weights and embeddings: BERT's 0.02 for the paper
+    /// shapes; `width^-1/2` for the `tiny` presets, which train from scratch in a few hundred
+    /// steps (at width 64, 0.02 leaves the [CLS] state nearly independent of the caption).
+    pub initializer_range: f64,
 }
 
 impl BertConfig {
@@ -72,6 +76,7 @@ impl BertConfig {
             encoder_hidden_size: None,
             pad_token_id: Some(0),
             layer_norm_eps: 1e-12,
+            initializer_range: INITIALIZER_RANGE,
         };
         match name {
             "tiny" => Ok(Self {
@@ -132,6 +137,9 @@ impl BertConfig {
                 problems.push(format!("pad_token_id {pad} is outside the vocabulary of {}", self.vocab_size));
             }
         }
+        if self.initializer_range.is_nan() || self.initializer_range <= 0.0 {
+            problems.push(format!("initializer_range is {}, must be positive", self.initializer_range));
+        }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             problems.push(format!("layer_norm_eps is {}, must be positive", self.layer_norm_eps));
         }
@@ -177,7 +185,7 @@ impl BertEmbeddings {
                 rows,
                 config.hidden_size,
                 nn::EmbeddingConfig {
-                    ws_init: nn::Init::Randn { mean: 0.0, stdev: INITIALIZER_RANGE },
+                    ws_init: nn::Init::Randn { mean: 0.0, stdev: config.initializer_range },
                     padding_idx: padding_idx.unwrap_or(-1),
                     ..Default::default()
                 },
@@ -244,7 +252,7 @@ impl BertAttention {
     /// (`hidden_size` for self-attention, the encoder's width for cross-attention).
     pub fn new(p: nn::Path, config: &BertConfig, context_width: i64) -> Self {
         let width = config.hidden_size;
-        let linear = |q: nn::Path, input| Linear::new(q, input, width, Some(INITIALIZER_RANGE));
+        let linear = |q: nn::Path, input| Linear::new(q, input, width, Some(config.initializer_range));
         Self {
             query: linear(&p / "self" / "query", width),
             key: linear(&p / "self" / "key", context_width),
@@ -347,8 +355,8 @@ impl BertLayer {
             crossattention: config
                 .has_cross_attention(index)
                 .then(|| BertAttention::new(&p / "crossattention", config, encoder_width)),
-            intermediate_dense: Linear::new(&p / "intermediate" / "dense", width, config.intermediate_size, Some(INITIALIZER_RANGE)),
-            output_dense: Linear::new(&p / "output" / "dense", config.intermediate_size, width, Some(INITIALIZER_RANGE)),
+            intermediate_dense: Linear::new(&p / "intermediate" / "dense", width, config.intermediate_size, Some(config.initializer_range)),
+            output_dense: Linear::new(&p / "output" / "dense", config.intermediate_size, width, Some(config.initializer_range)),
             output_layer_norm: layer_norm_eps(&p / "output" / "LayerNorm", width, config.layer_norm_eps),
         }
     }
@@ -641,7 +649,7 @@ impl BertLmHead {
     pub fn new(p: nn::Path, config: &BertConfig) -> Self {
         let width = config.hidden_size;
         Self {
-            dense: Linear::new(&p / "transform" / "dense", width, width, Some(INITIALIZER_RANGE)),
+            dense: Linear::new(&p / "transform" / "dense", width, width, Some(config.initializer_range)),
             layer_norm: layer_norm_eps(&p / "transform" / "LayerNorm", width, config.layer_norm_eps),
             bias: p.var("bias", &[config.vocab_size], nn::Init::Const(0.0)),
         }

@@ -53,7 +53,7 @@ use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use super::albef::NamedTensors;
-use super::bert::{BertAttention, BertConfig, BertLmHead, BertModel, DecodingCache, EncoderStates};
+use super::bert::{BertAttention, BertConfig, INITIALIZER_RANGE, BertLmHead, BertModel, DecodingCache, EncoderStates};
 use super::layers::{Activation, Linear, TransformerShape};
 use super::vit::{VisionTransformer, VitConfig};
 use super::ModelError;
@@ -144,6 +144,7 @@ impl BlipConfig {
             encoder_hidden_size: (vision.transformer.width != width).then_some(vision.transformer.width),
             pad_token_id: Some(special.pad_token_id),
             layer_norm_eps: 1e-12,
+            initializer_range: if name == "tiny" { (width as f64).powf(-0.5) } else { INITIALIZER_RANGE },
         };
         Ok(Self {
             vision,
