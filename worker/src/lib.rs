@@ -7,6 +7,7 @@ pub mod data;
 pub mod devicecheck;
 pub mod eval;
 pub mod export;
+pub mod infer;
 pub mod models;
 pub mod multi_tensor;
 pub mod objectives;

@@ -1,0 +1,1 @@
+//! `braid infer`: captions, image-text matching and contrastive scores from a trained model.
