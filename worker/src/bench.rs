@@ -1,6 +1,12 @@
 //! `braid bench`: training-step throughput of a model preset on synthetic tensors: the full
-//! step (forward, contrastive loss, backward, gradient reduction, clipping, AdamW), timed after
-//! warm-up, with the median step time, samples/s, tokens/s and model FLOPs utilisation.
+//! step (forward, loss, backward, gradient reduction, clipping, AdamW and what the family does
+//! after the update), timed after warm-up, with the median step time, samples/s, tokens/s and
+//! model FLOPs utilisation.
+//!
+//! CLIP trains on random token ids. ALBEF (and BLIP) train on BERT-style captions
+//! ([`bert_captions`]) with their whole pretraining step: the momentum model's forward passes,
+//! distilled ITC against the feature queues, ITM on per-worker hard negatives, MLM with the
+//! momentum model's soft labels, and after the update the momentum update and the enqueue.
 
 use std::time::Instant;
 
@@ -9,12 +15,15 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::{RingCollective, RingListener};
-use crate::trainer::{clip_config, Trainer, DeviceBatch, TrainError};
+use crate::data::mlm::MaskingVocab;
+use crate::models::albef::AlbefConfig;
+use crate::models::blip::{BlipConfig, BlipTokens};
+use crate::trainer::{clip_config, DeviceBatch, ModelSpec, TrainError, Trainer};
 
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// Model family (`clip`).
+    /// Model family: `clip`, `albef`, `blip`.
     pub family: String,
     /// Preset of the family.
     pub preset: String,
@@ -30,8 +39,14 @@ pub struct BenchOptions {
     pub device: Device,
     /// `fp32`, `fp64` or `bf16`.
     pub precision: String,
-    /// Text vocabulary size (CLIP BPE: 49,408).
+    /// Text vocabulary size (CLIP BPE: 49,408; BERT: 30,522).
     pub vocab_size: i64,
+    /// Caption length in tokens; none keeps the preset's (ALBEF and BLIP: `tiny` 32, `base` 30).
+    pub context_length: Option<i64>,
+    /// ALBEF/BLIP: length of each feature queue, a multiple of `batch`; none takes the job
+    /// default (`tiny` 1,024, ALBEF `base` 65,536, BLIP `base` 57,600) rounded up to a multiple
+    /// of `batch`.
+    pub queue_size: Option<usize>,
     /// Peak dense TFLOP/s of the device for MFU; none leaves MFU out.
     pub peak_tflops: Option<f64>,
     /// Record the loss of every timed step.
@@ -47,6 +62,9 @@ pub struct BenchOptions {
 pub struct BenchReport {
     /// Implementation measured (`braid`).
     pub r#impl: String,
+    /// Model family (left out of the JSON for CLIP, whose output predates the other families).
+    #[serde(skip_serializing_if = "is_clip")]
+    pub family: String,
     /// Model preset.
     pub preset: String,
     /// Samples per step.
@@ -78,11 +96,33 @@ pub struct BenchReport {
     /// Loss of every timed step, when asked for (to compare precisions).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub losses: Option<Vec<f64>>,
+    /// ALBEF/BLIP: the loss terms (`itc`, `itm`, `mlm`, ...) of the last timed step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loss_terms: Vec<(String, f64)>,
+    /// ALBEF/BLIP: caption length, vocabulary and queue length of the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub momentum_shape: Option<MomentumShape>,
 }
 
-fn bench_config(options: &BenchOptions) -> Result<JobConfig, TrainError> {
+/// What an ALBEF/BLIP benchmark ran with besides the preset and batch.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MomentumShape {
+    /// Caption length in tokens.
+    pub context_length: i64,
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Length of each feature queue.
+    pub queue_size: usize,
+}
+
+fn is_clip(family: &str) -> bool {
+    family == "clip"
+}
+
+fn bench_config(options: &BenchOptions, queue_size: Option<usize>) -> Result<JobConfig, TrainError> {
+    let queue = queue_size.map_or(String::new(), |q| format!("queue_size = {q}\n"));
     let text = format!(
-        "[job]\nname = \"bench\"\n[model]\nfamily = \"{}\"\npreset = \"{}\"\n[data]\ntrain = \"unused\"\n\
+        "[job]\nname = \"bench\"\n[model]\nfamily = \"{}\"\npreset = \"{}\"\n{queue}[data]\ntrain = \"unused\"\n\
          [train]\nglobal_batch = {}\nsteps = {}\nprecision = \"{}\"\nwarmup_steps = 1\nactivation_checkpointing = {}\n",
         options.family,
         options.preset,
@@ -126,6 +166,123 @@ fn synthetic_batch(batch: usize, image_size: i64, context: i64, vocab_size: i64,
     })
 }
 
+/// BERT-style special ids of the synthetic captions: `[PAD]` 0, `[UNK]` 1, `[CLS]` 2, `[SEP]` 3,
+/// `[MASK]` 4, `[DEC]` 5, `[ENC]` 6 (BLIP's decoder and encoder tokens); words are the ids from 7.
+pub const BERT_SPECIAL_IDS: [i64; 7] = [0, 1, 2, 3, 4, 5, 6];
+/// `[MASK]` of the synthetic captions.
+pub const MASK_ID: i64 = 4;
+const FIRST_WORD: i64 = 7;
+
+/// `batch` synthetic captions of `context` tokens: row `i` is `[CLS]`, `n_i` words, `[SEP]`, then
+/// `[PAD]`s, with `n_i = lo + (5 i mod (hi - lo + 1))` for `lo = max(1, (context - 2) / 2)` and
+/// `hi = context - 2`, and word `j` of row `i` the id `7 + ((131 i + 31 j) mod (vocab_size - 7))`.
+/// A pure function of the shape, so `bench/momentum_step.py` builds the same batch. Returns the
+/// token ids `[batch, context]` and each row's `[SEP]` position `[batch]`.
+pub fn bert_captions(batch: usize, context: i64, vocab_size: i64) -> (Vec<i64>, Vec<i64>) {
+    let (lo, hi) = (((context - 2) / 2).max(1), context - 2);
+    let words = vocab_size - FIRST_WORD;
+    let mut tokens = Vec::with_capacity(batch * context as usize);
+    let mut eot = Vec::with_capacity(batch);
+    for i in 0..batch as i64 {
+        let n = lo + (5 * i) % (hi - lo + 1);
+        tokens.push(2);
+        tokens.extend((0..n).map(|j| FIRST_WORD + (131 * i + 31 * j) % words));
+        tokens.push(3);
+        tokens.extend(std::iter::repeat_n(0, (context - 2 - n) as usize));
+        eot.push(n + 1);
+    }
+    (tokens, eot)
+}
+
+/// A fixed batch of random images and [`bert_captions`].
+fn caption_batch(batch: usize, image_size: i64, context: i64, vocab_size: i64, device: Device, kind: Kind) -> DeviceBatch {
+    let b = batch as i64;
+    let (tokens, eot) = bert_captions(batch, context, vocab_size);
+    let images = crate::trainer::seeded(0, || Tensor::randn([b, 3, image_size, image_size], (Kind::Float, device)));
+    DeviceBatch {
+        images: images.to_kind(kind),
+        tokens: Tensor::from_slice(&tokens).view([b, context]).to_device(device),
+        eot_index: Tensor::from_slice(&eot).to_device(device),
+        valid: Tensor::ones([b], (Kind::Bool, device)),
+        positions: Tensor::arange(b, (Kind::Int64, Device::Cpu)),
+    }
+}
+
+/// The model, job and synthetic batch of a benchmark.
+fn setup(options: &BenchOptions) -> Result<(JobConfig, ModelSpec, Option<MomentumShape>), TrainError> {
+    let invalid = |reason: String| TrainError::State { origin: "bench options".into(), reason };
+    match options.family.as_str() {
+        "clip" => {
+            let config = bench_config(options, None)?;
+            let clip = clip_config(&config, options.vocab_size)?;
+            Ok((config, ModelSpec::Clip(clip), None))
+        }
+        "albef" => {
+            if options.vocab_size <= FIRST_WORD {
+                return Err(invalid(format!("--vocab-size {} leaves no words after the 7 special ids", options.vocab_size)));
+            }
+            let queue_size = momentum_queue_size(options, "albef")?;
+            let config = bench_config(options, Some(queue_size))?;
+            let mut albef = AlbefConfig::preset(&options.preset, options.vocab_size, 0, None)?;
+            let default_context = if options.preset == "tiny" { 32 } else { 30 };
+            let context_length = options.context_length.unwrap_or(default_context);
+            if !(3..=albef.text.max_position_embeddings).contains(&context_length) {
+                return Err(invalid(format!(
+                    "--context-length {context_length}: albef {} takes 3 to {} tokens",
+                    options.preset, albef.text.max_position_embeddings
+                )));
+            }
+            let m = &config.model;
+            albef.queue_size = queue_size as i64;
+            albef.momentum = m.momentum;
+            albef.alpha = m.alpha;
+            albef.mlm_probability = m.mlm_probability;
+            let special = BERT_SPECIAL_IDS.into_iter().filter(|&id| id != MASK_ID);
+            let vocab = MaskingVocab::new(MASK_ID, options.vocab_size as usize, special).map_err(|e| invalid(e.to_string()))?;
+            let shape = MomentumShape { context_length, vocab_size: options.vocab_size, queue_size };
+            Ok((config, ModelSpec::Albef { config: albef, vocab, context_length }, Some(shape)))
+        }
+        "blip" => {
+            if options.vocab_size <= FIRST_WORD {
+                return Err(invalid(format!("--vocab-size {} leaves no words after the 7 special ids", options.vocab_size)));
+            }
+            let queue_size = momentum_queue_size(options, "blip")?;
+            let config = bench_config(options, Some(queue_size))?;
+            let special = BlipTokens { bos_token_id: 5, enc_token_id: 6, sep_token_id: 3, pad_token_id: 0 };
+            let mut blip = BlipConfig::preset(&options.preset, options.vocab_size, special, options.context_length)?;
+            let m = &config.model;
+            blip.queue_size = queue_size as i64;
+            blip.momentum = m.momentum;
+            blip.alpha = m.alpha;
+            blip.validate().map_err(|problems| invalid(format!("blip {}: {problems}", options.preset)))?;
+            let context_length = blip.context_length;
+            let shape = MomentumShape { context_length, vocab_size: options.vocab_size, queue_size };
+            Ok((config, ModelSpec::Blip { config: blip, context_length }, Some(shape)))
+        }
+        other => Err(invalid(format!("--family {other:?}: braid bench knows clip, albef and blip"))),
+    }
+}
+
+/// `--queue-size`, checked against the batch, or the job default rounded up to a multiple of it.
+fn momentum_queue_size(options: &BenchOptions, family: &str) -> Result<usize, TrainError> {
+    let batch = options.batch.max(1);
+    match options.queue_size {
+        Some(q) if q == 0 || !q.is_multiple_of(batch) => Err(TrainError::State {
+            origin: "bench options".into(),
+            reason: format!("--queue-size {q} is not a positive multiple of --batch {batch}: every step enqueues the whole batch"),
+        }),
+        Some(q) => Ok(q),
+        None => {
+            let section = braid_coordinator::config::ModelSection {
+                family: family.into(),
+                preset: options.preset.clone(),
+                ..Default::default()
+            };
+            Ok(section.queue_size().div_ceil(batch) * batch)
+        }
+    }
+}
+
 /// Steps recorded by `--trace` after the timed ones.
 const TRACED_STEPS: usize = 3;
 
@@ -134,15 +291,19 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     if options.threads > 0 {
         tch::set_num_threads(options.threads as i32);
     }
-    let config = bench_config(options)?;
-    let clip = clip_config(&config, options.vocab_size)?;
-    let mut trainer = Trainer::new(&config, clip, options.device)?;
+    let (config, spec, momentum_shape) = setup(options)?;
+    let (image_size, context, flops_per_sample) = (spec.image_size(), spec.context_length(), spec.forward_flops_per_sample());
+    let mut trainer = Trainer::new(&config, spec, options.device)?;
     let (listener, _) = RingListener::bind("127.0.0.1:0")?;
     let mut coll = RingCollective::connect(listener, 0, 1, &["127.0.0.1:0".to_string()], 0, std::time::Duration::from_secs(60))?;
 
     let device = options.device;
-    let context = clip.text.context_length;
-    let batch = synthetic_batch(options.batch, clip.vision.image_size, context, options.vocab_size, device, trainer.compute_kind());
+    let kind = trainer.compute_kind();
+    let batch = if momentum_shape.is_some() {
+        caption_batch(options.batch, image_size, context, options.vocab_size, device, kind)
+    } else {
+        synthetic_batch(options.batch, image_size, context, options.vocab_size, device, kind)
+    };
     let sync = || {
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
@@ -155,16 +316,19 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     let mut times = Vec::with_capacity(options.steps);
     let mut update_times = Vec::with_capacity(options.steps);
     let mut losses = Vec::with_capacity(options.steps);
+    let mut loss_terms = Vec::new();
     for step in 0..options.steps {
         let t0 = Instant::now();
-        let (loss, _) = trainer.compute_gradients((options.warmup + step) as u64, &batch, &mut coll)?;
-        sync();
-        let t1 = Instant::now();
-        trainer.apply_update((options.warmup + step) as u64)?;
+        let mut t1 = t0;
+        let stats = trainer.train_step_with((options.warmup + step) as u64, &batch, &mut coll, || {
+            sync();
+            t1 = Instant::now();
+        })?;
         sync();
         times.push(t0.elapsed().as_secs_f64());
         update_times.push(t1.elapsed().as_secs_f64());
-        losses.push(loss);
+        losses.push(stats.loss);
+        loss_terms = stats.parts.iter().map(|(name, v)| (name.to_string(), *v)).collect();
     }
     if let Some(path) = &options.trace {
         let profiler = crate::profiler::Profiler::start(matches!(device, Device::Cuda(_)))?;
@@ -177,10 +341,11 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     update_times.sort_by(|a, b| a.total_cmp(b));
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
-    let flops_per_step = 3.0 * clip.forward_flops_per_sample() * options.batch as f64;
+    let flops_per_step = 3.0 * flops_per_sample * options.batch as f64;
     let tflops = flops_per_step / median / 1e12;
     Ok(BenchReport {
         r#impl: "braid".into(),
+        family: options.family.clone(),
         preset: options.preset.clone(),
         batch: options.batch,
         threads: options.threads,
@@ -196,14 +361,17 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         losses: options.record_losses.then_some(losses),
         update_seconds: update_times[update_times.len() / 2],
         activation_checkpointing: options.activation_checkpointing,
+        loss_terms,
+        momentum_shape,
     })
 }
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let family = if is_clip(&self.family) { String::new() } else { format!("{} ", self.family) };
         write!(
             f,
-            "{} {} batch {} on {} ({}, {} threads): {:.2} ms/step ({:.2} ms update), {:.1} samples/s, {:.0} tokens/s, {:.2} TFLOP/s",
+            "{} {family}{} batch {} on {} ({}, {} threads): {:.2} ms/step ({:.2} ms update), {:.1} samples/s, {:.0} tokens/s, {:.2} TFLOP/s",
             self.r#impl,
             self.preset,
             self.batch,
@@ -218,6 +386,13 @@ impl std::fmt::Display for BenchReport {
         )?;
         if let Some(mfu) = self.mfu {
             write!(f, ", MFU {:.1}%", 100.0 * mfu)?;
+        }
+        if let Some(shape) = &self.momentum_shape {
+            write!(f, "; context {}, vocabulary {}, queue {}", shape.context_length, shape.vocab_size, shape.queue_size)?;
+        }
+        if !self.loss_terms.is_empty() {
+            let terms: Vec<String> = self.loss_terms.iter().map(|(name, v)| format!("{name} {v:.4}")).collect();
+            write!(f, "; last step's loss terms: {}", terms.join(", "))?;
         }
         Ok(())
     }

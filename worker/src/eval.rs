@@ -9,6 +9,16 @@
 //! (a different caption) that the contrastive features rank closest to the image within its
 //! evaluation batch. A pair counts as right when the ITM head's match probability is above 0.5
 //! for the true caption and below it for the negative; chance is 50%.
+//!
+//! Captions (BLIP): the decoder's greedy caption of each held-out image (`[DEC]` first, up to the
+//! job's context length) against the image's true caption, both as token ids after the first token
+//! (`[DEC]`, `[CLS]`) up to and including `[SEP]`. Token accuracy is position-wise: the true
+//! caption's token `j` counts as right when the generated caption has the same token at `j`;
+//! right tokens over all true tokens of the held-out set (so a caption that stops early or runs on
+//! past the true `[SEP]` loses that position). Exact match counts captions equal to the true one,
+//! `[SEP]` included. Their chance levels are image-blind guesses from the held-out captions
+//! themselves: for token accuracy, each position's most frequent token; for exact match, always
+//! the most frequent caption.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +28,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::tokenizer::TextTokenizer;
 use crate::models::albef::Albef;
+use crate::models::blip::{generate_captions, Blip, CaptionOptions};
 use crate::models::clip::Clip;
 
 /// What held-out evaluation needs from a model: L2-normalised image and caption features in one
@@ -71,6 +82,28 @@ impl EvalModel for Albef {
     }
 }
 
+impl EvalModel for Blip {
+    fn image_features(&self, images: &Tensor) -> Tensor {
+        self.image_feature(&self.encode_image(images))
+    }
+
+    fn text_features(&self, tokens: &Tensor, eot_index: &Tensor) -> Tensor {
+        let mask = attention_mask(tokens, eot_index);
+        self.text_feature(&self.encode_text(tokens, &mask))
+    }
+
+    /// Through the image-grounded encoder, `[ENC]` in place of the caption's `[CLS]`.
+    fn match_logits(&self, images: &Tensor, tokens: &Tensor, eot_index: &Tensor) -> Option<Tensor> {
+        let mask = attention_mask(tokens, eot_index);
+        let ids = crate::trainer::blip::with_first_token(tokens, self.config().enc_token_id);
+        Some(self.itm_logits(&self.encode_multimodal(&ids, &mask, &self.encode_image(images))))
+    }
+
+    fn device(&self) -> Device {
+        self.temp.device()
+    }
+}
+
 /// A BERT-style attention mask `[B, L]`: 1 up to and including `eot_index`, 0 after.
 fn attention_mask(tokens: &Tensor, eot_index: &Tensor) -> Tensor {
     let context = tokens.size()[1];
@@ -107,6 +140,77 @@ pub struct EvalReport {
     /// ITM accuracy on held-out pairs and their hard negatives (chance 0.5), for models with
     /// an ITM head.
     pub itm_accuracy: Option<f64>,
+    /// Greedy captions of the held-out images against their true captions, for models with a
+    /// caption decoder (BLIP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captions: Option<CaptionScores>,
+}
+
+/// Greedy captions scored against the true captions (module docs: token accuracy, exact
+/// match and their chance levels).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CaptionScores {
+    /// Captions scored.
+    pub samples: usize,
+    /// Position-wise token accuracy over the true captions' tokens after the first, `[SEP]`
+    /// included.
+    pub token_accuracy: f64,
+    /// Fraction of generated captions equal to the true caption.
+    pub exact_match: f64,
+    /// Token accuracy of an image-blind caption holding at each position the most frequent
+    /// token of the held-out captions there.
+    pub chance_token_accuracy: f64,
+    /// Exact-match rate of always emitting the most frequent held-out caption.
+    pub chance_exact_match: f64,
+    /// A few generated captions with their true captions (text), when the tokenizer can decode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<CaptionExample>,
+}
+
+/// One generated caption next to the true one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CaptionExample {
+    /// The decoder's greedy caption.
+    pub generated: String,
+    /// The held-out caption.
+    pub truth: String,
+}
+
+/// Generated captions kept as text examples in [`CaptionScores::examples`].
+const CAPTION_EXAMPLES: usize = 3;
+
+/// Scores `generated` captions against `truth` (token ids after the first token, up to and
+/// including `[SEP]`), pairwise; see the module docs. `examples` is left empty.
+pub fn caption_scores(generated: &[Vec<i64>], truth: &[Vec<i64>]) -> CaptionScores {
+    assert_eq!(generated.len(), truth.len(), "one generated caption per true caption");
+    let tokens: usize = truth.iter().map(Vec::len).sum();
+    let right: usize = generated.iter().zip(truth).map(|(g, t)| t.iter().enumerate().filter(|&(j, id)| g.get(j) == Some(id)).count()).sum();
+    let exact = generated.iter().zip(truth).filter(|(g, t)| g == t).count();
+    // Image-blind guesses: each position's most frequent true token; the most frequent caption.
+    let longest = truth.iter().map(Vec::len).max().unwrap_or(0);
+    let majority_right: usize = (0..longest)
+        .map(|j| {
+            let mut counts: HashMap<i64, usize> = HashMap::new();
+            for t in truth.iter().filter_map(|t| t.get(j)) {
+                *counts.entry(*t).or_default() += 1;
+            }
+            counts.values().copied().max().unwrap_or(0)
+        })
+        .sum();
+    let mut caption_counts: HashMap<&[i64], usize> = HashMap::new();
+    for t in truth {
+        *caption_counts.entry(t.as_slice()).or_default() += 1;
+    }
+    let most_frequent = caption_counts.values().copied().max().unwrap_or(0);
+    let per = |count: usize, of: usize| if of == 0 { 0.0 } else { count as f64 / of as f64 };
+    CaptionScores {
+        samples: truth.len(),
+        token_accuracy: per(right, tokens),
+        exact_match: per(exact, truth.len()),
+        chance_token_accuracy: per(majority_right, tokens),
+        chance_exact_match: per(most_frequent, truth.len()),
+        examples: Vec::new(),
+    }
 }
 
 /// Class names and prompt templates (`classes.json`).
@@ -187,6 +291,11 @@ pub struct EmbeddedSet {
     classes: Vec<i64>,
     /// ITM decisions that were right, and how many were made.
     itm: Option<(usize, usize)>,
+    /// Generated and true captions (token ids after the first token), for caption models.
+    generated: Vec<Vec<i64>>,
+    truth: Vec<Vec<i64>>,
+    /// The first few captions as text: generated (ids) and true.
+    examples: Vec<(Vec<i64>, String)>,
 }
 
 impl EmbeddedSet {
@@ -250,8 +359,28 @@ impl EmbeddedSet {
         *total += 2 * n;
     }
 
-    /// Retrieval both ways, zero-shot accuracy when `prompts` are given, and ITM accuracy when
-    /// ITM decisions were added.
+    /// Adds a batch's greedy captions (`generated`, ids after `[DEC]`, one per sample) and the
+    /// true captions of its valid samples (`tokens` `[B, L]`, ids 1 up to `eot_index`).
+    pub fn push_captions(&mut self, generated: Vec<Vec<i64>>, tokens: &[i64], eot_index: &[i64], captions: &[String], valid: &[bool]) {
+        let context = tokens.len() / valid.len().max(1);
+        for (i, g) in generated.into_iter().enumerate().filter(|(i, _)| valid[*i]) {
+            let row = &tokens[i * context..(i + 1) * context];
+            let truth = row[1..=(eot_index[i] as usize).clamp(1, context - 1)].to_vec();
+            if self.examples.len() < CAPTION_EXAMPLES {
+                self.examples.push((g.clone(), captions[i].clone()));
+            }
+            self.generated.push(g);
+            self.truth.push(truth);
+        }
+    }
+
+    /// The first few generated captions, decoded by `decode`, next to their true captions.
+    pub fn caption_examples(&self, decode: impl Fn(&[i64]) -> Option<String>) -> Vec<CaptionExample> {
+        self.examples.iter().filter_map(|(ids, truth)| Some(CaptionExample { generated: decode(ids)?, truth: truth.clone() })).collect()
+    }
+
+    /// Retrieval both ways, zero-shot accuracy when `prompts` are given, ITM accuracy when ITM
+    /// decisions were added, and caption scores when captions were added.
     /// `context` is the caption length the prompts are tokenized to.
     pub fn report(&self, model: &dyn EvalModel, tokenizer: &Arc<dyn TextTokenizer>, prompts: Option<&ClassPrompts>, context: usize) -> EvalReport {
         let image = Tensor::cat(&self.image, 0);
@@ -265,6 +394,9 @@ impl EmbeddedSet {
             itm_accuracy: self.itm.filter(|(_, total)| *total > 0).map(|(correct, total)| correct as f64 / total as f64),
             ..Default::default()
         };
+        if !self.truth.is_empty() {
+            report.captions = Some(caption_scores(&self.generated, &self.truth));
+        }
         if let Some(prompts) = prompts {
             let labelled: Vec<usize> = (0..self.len()).filter(|&i| self.classes[i] >= 0).collect();
             if !labelled.is_empty() && !prompts.classes.is_empty() {
@@ -321,6 +453,21 @@ impl std::fmt::Display for EvalReport {
         if let Some(acc) = self.itm_accuracy {
             writeln!(f, "ITM accuracy (true caption vs hardest in-batch negative): {:.1}% (chance 50.0%)", 100.0 * acc)?;
         }
+        if let Some(c) = &self.captions {
+            writeln!(
+                f,
+                "captions (greedy, {} images): token accuracy {:.1}% (chance {:.1}%: each position's most frequent held-out token), \
+                 exact match {:.1}% (chance {:.1}%: the most frequent held-out caption)",
+                c.samples,
+                100.0 * c.token_accuracy,
+                100.0 * c.chance_token_accuracy,
+                100.0 * c.exact_match,
+                100.0 * c.chance_exact_match
+            )?;
+            for e in &c.examples {
+                writeln!(f, "  {:?} for {:?}", e.generated, e.truth)?;
+            }
+        }
         Ok(())
     }
 }
@@ -338,6 +485,20 @@ mod tests {
         assert_eq!(r.r1, 0.5);
         assert_eq!(r.r5, 1.0);
         assert!((r.chance_r1 - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn caption_scores_match_position_by_position() {
+        // Truth: [5 6 3], [5 7 3], [5 6 3]; generated: exact, one token wrong and too long, too short.
+        let truth = vec![vec![5, 6, 3], vec![5, 7, 3], vec![5, 6, 3]];
+        let generated = vec![vec![5, 6, 3], vec![5, 8, 9, 3], vec![5, 6]];
+        let s = caption_scores(&generated, &truth);
+        assert_eq!(s.samples, 3);
+        assert!((s.token_accuracy - 6.0 / 9.0).abs() < 1e-12, "{s:?}");
+        assert!((s.exact_match - 1.0 / 3.0).abs() < 1e-12);
+        // Majority per position: 5 (3 of 3), 6 (2 of 3), 3 (3 of 3); most frequent caption: 2 of 3.
+        assert!((s.chance_token_accuracy - 8.0 / 9.0).abs() < 1e-12);
+        assert!((s.chance_exact_match - 2.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]
@@ -427,9 +588,11 @@ pub fn evaluate(config: &braid_coordinator::config::JobConfig, options: &EvalOpt
     let data_url = options.data.clone().or_else(|| config.data.eval.clone()).ok_or(EvalError::NoData)?;
     let tokenizer = crate::data::tokenizer::load_tokenizer(&config.data.tokenizer)?;
     let (trainer, _) = load_checkpoint(config, tokenizer.as_ref(), options.checkpoint.as_deref(), options.device)?;
-    let model: &dyn EvalModel = match (trainer.clip(), trainer.albef()) {
-        (Some(clip), _) => clip,
-        (_, Some(albef)) => &albef.model,
+    let blip = trainer.blip().map(|family| &family.model);
+    let model: &dyn EvalModel = match (trainer.clip(), trainer.albef(), blip) {
+        (Some(clip), _, _) => clip,
+        (_, Some(albef), _) => &albef.model,
+        (_, _, Some(blip)) => blip,
         _ => unreachable!("every family is evaluated"),
     };
     let (image_size, context) = (trainer.spec().image_size(), trainer.spec().context_length());
@@ -471,9 +634,23 @@ pub fn evaluate(config: &braid_coordinator::config::JobConfig, options: &EvalOpt
         let (image, text) = tch::no_grad(|| (model.image_features(&images), model.text_features(&tokens, &eot)));
         set.push_itm(model, MatchBatch { images: &images, tokens: &tokens, eot_index: &eot, image: &image, text: &text, captions: &b.captions, valid: &valid });
         set.push(image, text, &b.captions, &b.classes, &valid);
+        if let Some(blip) = blip {
+            let options = CaptionOptions { max_length: context as usize, min_length: 0, num_beams: 1 };
+            set.push_captions(generate_captions(blip, &images, &options), &b.tokens, &b.eot_index, &b.captions, &valid);
+        }
     }
     let prompts = class_prompts(config, &data_url)?;
-    Ok(set.report(model, &tokenizer, prompts.as_ref(), context as usize))
+    let mut report = set.report(model, &tokenizer, prompts.as_ref(), context as usize);
+    if let Some(captions) = &mut report.captions {
+        // The text of a few captions, for people reading the report (`TextTokenizer` only encodes).
+        if let Ok(decoder) = tokenizers::Tokenizer::from_file(&config.data.tokenizer) {
+            captions.examples = set.caption_examples(|ids| {
+                let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
+                decoder.decode(&ids, true).ok()
+            });
+        }
+    }
+    Ok(report)
 }
 
 /// Reads `[data] classes`, or `classes.json` in the folder above the held-out manifest.

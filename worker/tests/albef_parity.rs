@@ -42,15 +42,15 @@ from torchmultimodal.models.albef.multimodal_encoder import ALBEFMultimodalEncod
 from torchmultimodal.modules.encoders.bert_text_encoder import bert_text_encoder
 from torchmultimodal.modules.losses.albef import ImageTextContrastiveLoss
 
-B, L, V, W, E, K, MASK, ALPHA = 4, 12, 99, 64, 32, 8, 98, 0.4
+B, L, V, W, E, K, MASK, ALPHA = 4, 12, 99, 64, 64, 8, 98, 0.4
 
 
 def albef():
     vision = ALBEFVisionEncoder(image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
                                 hidden_size=W, mlp_dim=4 * W, layer_norm_eps=1e-6)
-    text = bert_text_encoder(hidden_size=W, num_hidden_layers=1, num_attention_heads=4, intermediate_size=4 * W,
+    text = bert_text_encoder(hidden_size=W, num_hidden_layers=2, num_attention_heads=4, intermediate_size=4 * W,
                              vocab_size=V, max_position_embeddings=64, pad_token_id=0)
-    fusion = ALBEFMultimodalEncoder(hidden_size=W, num_hidden_layers=1, num_attention_heads=4, intermediate_size=4 * W)
+    fusion = ALBEFMultimodalEncoder(hidden_size=W, num_hidden_layers=2, num_attention_heads=4, intermediate_size=4 * W)
     model = ALBEFModel(vision, text, fusion, momentum=1.0)
     return ALBEFModelWithSimilarity(model, nn.Linear(W, E), nn.Linear(W, E), embed_size=E, queue_size=K, temp=0.07).eval()
 

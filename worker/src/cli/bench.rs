@@ -9,10 +9,10 @@ use clap::Args;
 /// Options of `braid bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model family.
+    /// Model family: clip, albef, blip.
     #[arg(long, default_value = "clip")]
     family: String,
-    /// Preset: tiny, vit-b-32, vit-b-16.
+    /// Preset: tiny, vit-b-32, vit-b-16 (clip); tiny, base (albef, blip).
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Samples per step.
@@ -33,9 +33,17 @@ pub struct BenchArgs {
     /// fp32, fp64 or bf16.
     #[arg(long, default_value = "fp32")]
     precision: String,
-    /// Text vocabulary size.
-    #[arg(long, default_value_t = 49408)]
-    vocab_size: i64,
+    /// Text vocabulary size (default: 49,408 for clip, CLIP's BPE; 30,522 for albef, BERT's;
+    /// 30,524 for blip, BERT's with [DEC] and [ENC]).
+    #[arg(long)]
+    vocab_size: Option<i64>,
+    /// albef, blip: caption length in tokens (default: the preset's, tiny 32, base 30).
+    #[arg(long)]
+    context_length: Option<i64>,
+    /// albef, blip: length of each feature queue, a multiple of --batch (default: 1,024 for
+    /// tiny, 65,536 for albef base, 57,600 for blip base, rounded up to a multiple of --batch).
+    #[arg(long)]
+    queue_size: Option<usize>,
     /// Peak dense TFLOP/s of the device, for MFU (default on CUDA: 989, an H100/H200 SXM in bf16).
     #[arg(long)]
     peak_tflops: Option<f64>,
@@ -78,6 +86,15 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--device {}: CUDA is not available to libtorch on this machine", args.device);
     }
     let peak_tflops = args.peak_tflops.or(matches!(device, tch::Device::Cuda(_)).then_some(989.0));
+    let clip = args.family == "clip";
+    if clip && (args.context_length.is_some() || args.queue_size.is_some()) {
+        anyhow::bail!("--context-length and --queue-size apply to --family albef and blip, not clip");
+    }
+    let vocab_size = args.vocab_size.unwrap_or(match args.family.as_str() {
+        "clip" => 49408,
+        "blip" => 30524,
+        _ => 30522,
+    });
     let report = bench::run(&BenchOptions {
         family: args.family,
         preset: args.preset,
@@ -87,7 +104,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         warmup: args.warmup,
         device,
         precision: args.precision,
-        vocab_size: args.vocab_size,
+        vocab_size,
+        context_length: args.context_length,
+        queue_size: args.queue_size,
         peak_tflops,
         record_losses: args.losses,
         activation_checkpointing: args.activation_checkpointing,

@@ -5,6 +5,7 @@ mod checkpoint;
 mod data;
 mod eval;
 mod export;
+mod infer;
 mod run;
 mod status;
 
@@ -40,6 +41,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Export a committed checkpoint's model in open_clip's or transformers' layout.
     Export(export::ExportArgs),
+    /// Captions, image-text matching and contrastive scores from a checkpoint or reference weights.
+    Infer(infer::InferArgs),
     /// List committed checkpoints or show one's manifest.
     #[command(subcommand)]
     Checkpoint(checkpoint::CheckpointCommand),
@@ -74,6 +77,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Data(cmd) => data::dispatch(cmd),
         Command::Eval(args) => eval::eval(args),
         Command::Export(args) => export::export(args),
+        Command::Infer(args) => infer::infer_command(args),
         Command::Checkpoint(cmd) => checkpoint::dispatch(cmd),
         Command::Bench(args) => bench::bench(args),
         Command::CheckDevice { device, json } => {

@@ -777,6 +777,14 @@ impl HfTokenizer {
         EncodedWords { ids: encoded.ids, eot_index: encoded.eot_index, attention_mask, word_ids }
     }
 
+    /// The text of `ids` without special tokens, as transformers' `decode(ids,
+    /// skip_special_tokens=True)`: the file's decoder joins the tokens (WordPiece pieces without
+    /// their `##`), or spaces do when the file has none. Ids outside the vocabulary are skipped.
+    /// Errors name the tokenizer file and the ids.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.tokenizer.decode(ids, true).map_err(|e| format!("tokenizer {} cannot decode {ids:?}: {e}", self.path))
+    }
+
     /// Fits one encoding to the context length, keeping its final special token when cut.
     fn fit(&self, encoding: &tokenizers::Encoding, context_length: usize) -> Encoded {
         let ids = encoding.get_ids();

@@ -78,8 +78,9 @@ pub struct AlbefConfig {
 impl AlbefConfig {
     /// A named preset:
     /// - `tiny` (CPU tests and the demo): ViT of 2 layers, width 64, 4 heads, patch 8 on 32x32
-    ///   images; BERT of width 64, 4 heads, feed-forward 256, 1 text layer and 1 fusion layer;
-    ///   features of 32; queues of 8; 64 positions unless `context_length` is given.
+    ///   images; BERT of width 64, 4 heads, feed-forward 256, 2 text layers and 2 fusion layers,
+    ///   initialised with std `64^-1/2`; features of 64; queues of 8; 64 positions unless
+    ///   `context_length` is given.
     /// - `base` (the paper's): ViT-B/16 at 256x256 and bert-base split into 6 text and 6 fusion
     ///   layers; features of 256; queues of 65,536; 512 positions unless `context_length` is given.
     ///
@@ -88,7 +89,7 @@ impl AlbefConfig {
     pub fn preset(name: &str, vocab_size: i64, pad_token_id: i64, context_length: Option<i64>) -> Result<Self, ModelError> {
         let shape = |width, layers, heads| TransformerShape { width, layers, heads, mlp_ratio: 4.0, layer_norm_eps: 1e-6 };
         let (vision, text_width, text_heads, intermediate, text_layers, fusion_layers, embed_dim, queue_size, positions) = match name {
-            "tiny" => (VitConfig::encoder(32, 8, shape(64, 2, 4)), 64, 4, 256, 1, 1, 32, 8, 64),
+            "tiny" => (VitConfig::encoder(32, 8, shape(64, 2, 4)), 64, 4, 256, 2, 2, 64, 8, 64),
             "base" => (VitConfig::encoder(256, 16, shape(768, 12, 12)), 768, 12, 3072, 6, 6, 256, 65536, 512),
             other => return Err(ModelError::UnknownPreset { family: "albef".into(), preset: other.into() }),
         };

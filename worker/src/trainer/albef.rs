@@ -24,47 +24,16 @@ use braid_coordinator::config::JobConfig;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::clip::surrogate;
-use super::{compute_kind, seeded, DeviceBatch, Family, LossShare, Precision, TrainError};
+use super::momentum::{build_with_momentum, HardNegativeSampler, Leaves, Momentum, MomentumSettings};
+use super::{compute_kind, DeviceBatch, Family, LossShare, Precision, TrainError};
 use crate::collective::Collective;
 use crate::data::mlm::{Masker, MaskingConfig, MaskingInputs, MaskingVocab, IGNORE_INDEX};
 use crate::models::albef::{Albef, AlbefConfig};
-use crate::objectives::distill::{self, MomentumKeys};
-use crate::objectives::itm::{self, Direction};
+use crate::objectives::distill;
 use crate::objectives::mlm::distilled_mlm_sum;
-use crate::objectives::momentum::MomentumCopy;
-use crate::objectives::queue::{global_batch_rows, FeatureQueue};
+use crate::objectives::queue::FeatureQueue;
 
-/// Where ITM hard negatives are drawn from (`model.hard_negatives`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HardNegatives {
-    /// This rank's batch (the papers' pretraining).
-    PerWorker,
-    /// The whole global batch: the same negatives at any worker count.
-    Global,
-}
-
-impl HardNegatives {
-    /// Parses `per_worker` or `global`.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "per_worker" => Some(Self::PerWorker),
-            "global" => Some(Self::Global),
-            _ => None,
-        }
-    }
-}
-
-/// The hard negatives drawn for one sample in a step, as columns of the candidates: the
-/// gathered global batch (`global`) or this rank's batch (`per_worker`), in rank order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DrawnNegatives {
-    /// The sample's global position.
-    pub position: i64,
-    /// The negative caption's column, if one could be drawn.
-    pub text: Option<usize>,
-    /// The negative image's column, if one could be drawn.
-    pub image: Option<usize>,
-}
+pub use super::momentum::{DrawnNegatives, HardNegatives};
 
 /// ALBEF, its momentum encoders and queues, and its objectives' settings.
 pub struct AlbefFamily {
@@ -72,30 +41,13 @@ pub struct AlbefFamily {
     pub model: Albef,
     /// The momentum model: the same modules over the momentum copy's storage.
     pub momentum_model: Albef,
-    /// Keeps the momentum model's storage alive.
-    _momentum_store: nn::VarStore,
-    momentum: MomentumCopy,
-    /// The live parameters that have momentum copies, in the copy's order (shallow).
-    momentum_sources: Vec<(String, Tensor)>,
-    /// Momentum image features of earlier steps.
-    pub image_queue: FeatureQueue,
-    /// Momentum text features of earlier steps.
-    pub text_queue: FeatureQueue,
+    /// The momentum copy, the queues and the distillation weight's ramp.
+    momentum: Momentum,
     masker: Masker,
-    m: f64,
-    alpha: f64,
-    alpha_ramp_steps: Option<u64>,
-    epoch_steps: u64,
     hard_negatives: HardNegatives,
-    seed: u64,
-    global_batch: usize,
+    sampler: HardNegativeSampler,
     /// Kind of parameters and losses.
     kind: Kind,
-    /// This step's gathered momentum features and valid flags, enqueued after the update (a
-    /// step that fails before its update leaves the queues as they were).
-    pending: Option<(Tensor, Tensor, Tensor)>,
-    /// The hard negatives of the last step's valid samples.
-    last_negatives: Vec<DrawnNegatives>,
 }
 
 impl AlbefFamily {
@@ -111,25 +63,22 @@ impl AlbefFamily {
         precision: Precision,
     ) -> Result<Self, TrainError> {
         let seed = config.job.seed;
-        let mut model = seeded(seed, || Albef::new(&vs.root(), albef));
-        let mut momentum_store = nn::VarStore::new(vs.device());
-        // Its initial values are overwritten by the copy; drawing them under the generator's lock
-        // keeps other threads' seeded draws (ranks as threads in tests) undisturbed.
-        let mut momentum_model = seeded(seed, || Albef::new(&momentum_store.root(), albef));
-        if precision == Precision::Fp64 {
-            vs.double();
-            momentum_store.double();
-        }
-        momentum_store.freeze();
+        let (mut model, mut momentum_model, momentum_store) = build_with_momentum(vs, seed, precision, |root| Albef::new(root, albef));
         model.set_compute_kind(compute_kind(precision));
         momentum_model.set_compute_kind(compute_kind(precision));
-        let momentum_sources = momentum_params(vs);
-        let momentum = MomentumCopy::over(momentum_params(&momentum_store), &momentum_sources)?;
-
         let kind = precision.param_kind();
-        let queue_size = albef.queue_size;
-        let image_queue = FeatureQueue::new(queue_size, albef.embed_dim, seed ^ 0x1A6E, kind, vs.device());
-        let text_queue = FeatureQueue::new(queue_size, albef.embed_dim, seed ^ 0x7E47, kind, vs.device());
+        let settings = MomentumSettings {
+            queue_size: albef.queue_size,
+            embed_dim: albef.embed_dim,
+            momentum: albef.momentum,
+            alpha: albef.alpha,
+            alpha_ramp_steps: config.model.alpha_ramp_steps,
+            ramp_epochs: 1,
+            seed,
+            global_batch: config.train.global_batch,
+            kind,
+        };
+        let momentum = Momentum::new(vs, momentum_store, Albef::has_momentum, settings)?;
         let masking = MaskingConfig {
             probability: albef.mlm_probability,
             whole_word: config.model.whole_word_masking,
@@ -146,34 +95,33 @@ impl AlbefFamily {
         Ok(Self {
             model,
             momentum_model,
-            _momentum_store: momentum_store,
             momentum,
-            momentum_sources,
-            image_queue,
-            text_queue,
             masker,
-            m: albef.momentum,
-            alpha: albef.alpha,
-            alpha_ramp_steps: config.model.alpha_ramp_steps,
-            epoch_steps: 0,
             hard_negatives: HardNegatives::parse(&config.model.hard_negatives).expect("validated hard_negatives"),
-            seed,
-            global_batch: config.train.global_batch,
+            sampler: HardNegativeSampler::new(seed, 0.0),
             kind,
-            pending: None,
-            last_negatives: Vec::new(),
         })
     }
 
     /// The distillation weight at `step`: `alpha` ramped over `alpha_ramp_steps`, else over one
     /// epoch (ALBEF's schedule).
     pub fn alpha_at(&self, step: u64) -> f64 {
-        distill::alpha_at(step, self.alpha_ramp_steps.unwrap_or(self.epoch_steps), self.alpha)
+        self.momentum.alpha_at(step)
     }
 
     /// The hard negatives drawn in the last step for this rank's valid samples.
     pub fn last_negatives(&self) -> &[DrawnNegatives] {
-        &self.last_negatives
+        self.sampler.last()
+    }
+
+    /// Momentum image features of earlier steps.
+    pub fn image_queue(&self) -> &FeatureQueue {
+        &self.momentum.image_queue
+    }
+
+    /// Momentum text features of earlier steps.
+    pub fn text_queue(&self) -> &FeatureQueue {
+        &self.momentum.text_queue
     }
 
     /// MLM inputs of a batch: masked ids and labels `[B, L]` on the batch's device (padding
@@ -197,16 +145,9 @@ impl AlbefFamily {
     }
 }
 
-/// The parameters of `vs` that ALBEF keeps momentum copies of, sorted by name (shallow).
-fn momentum_params(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(n, _)| Albef::has_momentum(n)).collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    named
-}
-
 impl Family for AlbefFamily {
     fn forward_backward(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<LossShare, TrainError> {
-        let (rank, world) = (coll.rank() as i64, coll.world_size());
+        let (rank, world) = (coll.rank(), coll.world_size());
         let slot = batch.len() as i64;
         let kind = self.kind;
         let alpha = self.alpha_at(step);
@@ -224,125 +165,52 @@ impl Family for AlbefFamily {
             });
             (mm.image_feature(&image_states).to_kind(kind), mm.text_feature(&text_states).to_kind(kind), logits)
         });
-        let dim = image_m.size()[1];
-        let masked_per_row = labels.ne(IGNORE_INDEX).sum_dim_intlist([1i64].as_slice(), true, kind);
-        let local = Tensor::cat(&[&image_m, &text_m, &batch.valid.to_kind(kind).unsqueeze(1), &masked_per_row], 1);
-        let gathered = coll.all_gather(&local)?;
-        let image_m_all = gathered.narrow(1, 0, dim);
-        let text_m_all = gathered.narrow(1, dim, dim);
-        let valid_all = gathered.select(1, 2 * dim).gt(0.5);
-        let n_valid = valid_all.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]);
-        let n_masked = gathered.select(1, 2 * dim + 1).sum(Kind::Double).double_value(&[]).round() as i64;
+        let masked_per_row = labels.ne(IGNORE_INDEX).sum_dim_intlist([1i64].as_slice(), false, kind);
+        let gathered = self.momentum.gather(coll, &image_m, &text_m, &batch.valid, &masked_per_row)?;
 
         // 2. Unimodal states with autograd, detached into leaves (gathered for global negatives).
         let image_states = self.model.encode_image(&batch.images);
         let text_states = self.model.encode_text(&batch.tokens, &attention_mask);
-        let global = self.hard_negatives == HardNegatives::Global && world > 1;
-        let (image_leaf, text_leaf, mask_c, offset) = if global {
-            let mut gather = |t: &Tensor| -> Result<Tensor, TrainError> {
-                let wire = t.detach().to_kind(kind);
-                Ok(coll.all_gather(&wire.flatten(1, -1))?.view(gathered_shape(t, world).as_slice()).to_kind(t.kind()))
-            };
-            let image_all = gather(&image_states)?;
-            let text_all = gather(&text_states)?;
-            let mask_all = coll.all_gather(&attention_mask.to_kind(kind))?.to_kind(Kind::Int64);
-            (image_all.set_requires_grad(true), text_all.set_requires_grad(true), mask_all, rank * slot)
-        } else {
-            (image_states.detach().set_requires_grad(true), text_states.detach().set_requires_grad(true), attention_mask.shallow_clone(), 0)
-        };
-        let image_own = image_leaf.narrow(0, offset, slot);
-        let text_own = text_leaf.narrow(0, offset, slot);
+        let leaves = Leaves::new(self.hard_negatives, rank, world, slot, kind);
+        let image_leaf = leaves.leaf(coll, &image_states)?;
+        let text_leaf = leaves.leaf(coll, &text_states)?;
+        let mask_c = leaves.candidates(coll, &attention_mask)?;
+        let image_own = leaves.own(&image_leaf);
+        let text_own = leaves.own(&text_leaf);
 
         // 3a. ITC with momentum distillation against every rank's momentum features and the queues.
         let image_feat = self.model.image_feature(&image_own).to_kind(kind);
         let text_feat = self.model.text_feature(&text_own).to_kind(kind);
-        let rows = rank * slot..(rank + 1) * slot;
-        let keys = MomentumKeys {
-            image_all: &image_m_all,
-            text_all: &text_m_all,
-            valid_all: &valid_all,
-            image_queue: &self.image_queue,
-            text_queue: &self.text_queue,
-        };
-        let itc = distill::local_loss(&image_feat, &text_feat, rows.clone(), &keys, &self.model.temp, alpha);
+        let rows = rank as i64 * slot..(rank as i64 + 1) * slot;
+        let itc = distill::local_loss(&image_feat, &text_feat, rows, &self.momentum.keys(&gathered), &self.model.temp, alpha);
 
         // 3b. ITM: one hard negative per direction, drawn over the candidates' momentum features.
-        let columns = if global { 0..world as i64 * slot } else { rows.clone() };
-        let candidates = |t: &Tensor| t.narrow(0, columns.start, columns.end - columns.start);
-        let valid_columns = candidates(&valid_all);
-        let temp = self.model.temp.detach().to_kind(kind);
-        let own_columns: Vec<i64> = (0..slot).map(|i| offset + i).collect();
-        let positions = Vec::<i64>::try_from(&batch.positions)?;
-        let valid_rows = Vec::<bool>::try_from(batch.valid.to_device(Device::Cpu))?;
-        let positions: Vec<i64> = positions.iter().zip(&valid_rows).map(|(&p, &v)| if v { p } else { -1 }).collect();
-        let sim_i2t = image_feat.detach().matmul(&candidates(&text_m_all).transpose(0, 1)) / &temp;
-        let sim_t2i = text_feat.detach().matmul(&candidates(&image_m_all).transpose(0, 1)) / &temp;
-        let weights_i2t = itm::hard_negative_weights(&sim_i2t, &own_columns, &valid_columns, 0.0);
-        let weights_t2i = itm::hard_negative_weights(&sim_t2i, &own_columns, &valid_columns, 0.0);
-        let negative_texts = itm::draw_negatives(&weights_i2t, &positions, self.seed, step, Direction::TextForImage);
-        let negative_images = itm::draw_negatives(&weights_t2i, &positions, self.seed, step, Direction::ImageForText);
-        self.last_negatives = positions
-            .iter()
-            .zip(negative_texts.iter().zip(&negative_images))
-            .filter(|(&position, _)| position >= 0)
-            .map(|(&position, (&text, &image))| DrawnNegatives { position, text, image })
-            .collect();
-        let index = |drawn: &[Option<usize>]| -> (Tensor, Tensor) {
-            let idx: Vec<i64> = drawn.iter().enumerate().map(|(i, d)| d.map_or(offset + i as i64, |j| j as i64)).collect();
-            let found: Vec<f64> = drawn.iter().map(|d| if d.is_some() { 1.0 } else { 0.0 }).collect();
-            (Tensor::from_slice(&idx).to_device(image_leaf.device()), Tensor::from_slice(&found).to_device(image_leaf.device()))
-        };
-        let (text_idx, text_found) = index(&negative_texts);
-        let (image_idx, image_found) = index(&negative_images);
-        let own_mask = attention_mask.shallow_clone();
-        let text_in = Tensor::cat(&[&text_own, &text_own, &text_leaf.index_select(0, &text_idx)], 0);
-        let mask_in = Tensor::cat(&[&own_mask, &own_mask, &mask_c.index_select(0, &text_idx)], 0);
-        let image_in = Tensor::cat(&[&image_own, &image_leaf.index_select(0, &image_idx), &image_own], 0);
+        let draw = self.sampler.draw(step, batch, &image_feat, &text_feat, &gathered, &leaves, &self.model.temp)?;
+        let text_in = draw.pair_texts(&text_own, &text_leaf);
+        let mask_in = draw.pair_texts(&attention_mask, &mask_c);
+        let image_in = draw.pair_images(&image_own, &image_leaf);
         let itm_logits = self.model.itm_logits(&self.model.fuse(&text_in, &mask_in, &image_in)).to_kind(kind);
-        let device = image_leaf.device();
-        let ones = Tensor::ones([slot], (Kind::Int64, device));
-        let itm_labels = Tensor::cat(&[ones.shallow_clone(), ones.zeros_like(), ones.zeros_like()], 0);
-        let valid = batch.valid.to_kind(Kind::Double);
-        let pair_weights = Tensor::cat(&[&valid, &(&valid * &image_found), &(&valid * &text_found)], 0);
-        let itm = itm::itm_loss_sum(&itm_logits, &itm_labels, &pair_weights) / (3 * n_valid.max(1)) as f64;
+        let itm = draw.itm_loss(&itm_logits, &batch.valid, gathered.n_valid);
 
         // 3c. MLM of the masked captions fused with this rank's images, distilled.
         let masked_states = self.model.encode_text(&masked_ids, &attention_mask);
         let mlm_logits = self.model.mlm_logits(&self.model.fuse(&masked_states, &attention_mask, &image_own)).to_kind(kind);
-        let mlm = distilled_mlm_sum(&mlm_logits, &labels, mlm_logits_m.as_ref(), alpha) / n_masked.max(1) as f64;
+        let mlm = distilled_mlm_sum(&mlm_logits, &labels, mlm_logits_m.as_ref(), alpha) / gathered.count.max(1) as f64;
 
         // 4. Backward to the heads, fusion layers and leaves, then through the encoders.
         let total = &itc + &itm + &mlm;
         total.backward();
-        let (mut image_grad, mut text_grad) = (image_leaf.grad(), text_leaf.grad());
-        if global {
-            let (image_width, text_width) = (image_grad.numel() as i64 / image_grad.size()[0], text_grad.numel() as i64 / text_grad.size()[0]);
-            let mut both = Tensor::cat(&[image_grad.flatten(1, -1), text_grad.flatten(1, -1)], 1).to_kind(kind);
-            coll.all_reduce_sum(&mut both)?;
-            let own = both.narrow(0, offset, slot);
-            image_grad = own.narrow(1, 0, image_width).view_as(&image_states).to_kind(image_states.kind());
-            text_grad = own.narrow(1, image_width, text_width).view_as(&text_states).to_kind(text_states.kind());
-        }
-        surrogate(&image_states, &image_grad, &text_states, &text_grad).backward();
+        let grads = leaves.own_grads(coll, &[(&image_leaf, &image_states), (&text_leaf, &text_states)])?;
+        surrogate(&image_states, &grads[0], &text_states, &grads[1]).backward();
 
-        let rows_kept = Tensor::from_slice(&global_batch_rows(self.global_batch, world)).to_device(device);
-        self.pending = Some((
-            image_m_all.index_select(0, &rows_kept),
-            text_m_all.index_select(0, &rows_kept),
-            valid_all.index_select(0, &rows_kept),
-        ));
+        self.momentum.enqueue_after_update(&gathered, world);
         let parts = vec![("itc", itc.detach()), ("itm", itm.detach()), ("mlm", mlm.detach())];
-        Ok(LossShare { total: total.detach(), parts, samples: n_valid as u64 })
+        Ok(LossShare { total: total.detach(), parts, samples: gathered.n_valid as u64 })
     }
 
     fn after_update(&mut self) -> Result<(), TrainError> {
         self.model.clamp_temp();
-        self.momentum.update(&self.momentum_sources, self.m)?;
-        if let Some((image, text, valid)) = self.pending.take() {
-            self.image_queue.enqueue_valid(&image, &valid)?;
-            self.text_queue.enqueue_valid(&text, &valid)?;
-        }
-        Ok(())
+        self.momentum.after_update()
     }
 
     fn logit_scale(&self) -> f64 {
@@ -350,32 +218,18 @@ impl Family for AlbefFamily {
     }
 
     fn extra_state(&self) -> Vec<(String, Tensor)> {
-        let mut state = self.momentum.named("momentum.");
-        state.extend(self.image_queue.named("queue.image."));
-        state.extend(self.text_queue.named("queue.text."));
-        state
+        self.momentum.extra_state()
     }
 
     fn load_extra_state(&mut self, source: &HashMap<String, Tensor>, origin: &str) -> Result<(), TrainError> {
-        self.momentum.load(|k| source.get(k), "momentum.", origin)?;
-        self.image_queue.load(|k| source.get(k), "queue.image.", origin)?;
-        self.text_queue.load(|k| source.get(k), "queue.text.", origin)?;
-        self.pending = None;
-        Ok(())
+        self.momentum.load_extra_state(source, origin)
     }
 
     fn set_epoch_steps(&mut self, steps: u64) {
-        self.epoch_steps = steps;
+        self.momentum.set_epoch_steps(steps);
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
-}
-
-/// The shape of `t` ([slot, ...]) gathered from `world` ranks: [world * slot, ...].
-fn gathered_shape(t: &Tensor, world: usize) -> Vec<i64> {
-    let mut shape = t.size();
-    shape[0] *= world as i64;
-    shape
 }

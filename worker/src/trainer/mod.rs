@@ -9,7 +9,9 @@
 
 pub mod albef;
 mod batch;
+pub mod blip;
 mod clip;
+mod momentum;
 
 use std::collections::HashMap;
 
@@ -22,6 +24,7 @@ use crate::collective::{all_reduce_buckets, Collective, CollectiveError, ReduceP
 use crate::data::mlm::MaskingVocab;
 use crate::data::tokenizer::TextTokenizer;
 use crate::models::albef::AlbefConfig;
+use crate::models::blip::{BlipConfig, BlipTokens};
 use crate::models::clip::{Clip, ClipConfig};
 use crate::models::layers::Activation;
 use crate::models::ModelError;
@@ -121,6 +124,15 @@ pub enum ModelSpec {
         /// `tiny`), at most the position table's size.
         context_length: i64,
     },
+    /// BLIP.
+    Blip {
+        /// The model's shape, with its special tokens and the job's queue size, momentum and
+        /// distillation weight.
+        config: BlipConfig,
+        /// Caption length in tokens (`model.context_length`; default 30 as in the paper's
+        /// pretraining, 32 for `tiny`), at most the position table's size.
+        context_length: i64,
+    },
 }
 
 impl ModelSpec {
@@ -129,6 +141,7 @@ impl ModelSpec {
         match self {
             Self::Clip(_) => "clip",
             Self::Albef { .. } => "albef",
+            Self::Blip { .. } => "blip",
         }
     }
 
@@ -137,6 +150,7 @@ impl ModelSpec {
         match self {
             Self::Clip(c) => c.vision.image_size,
             Self::Albef { config, .. } => config.vision.image_size,
+            Self::Blip { config, .. } => config.vision.image_size,
         }
     }
 
@@ -144,7 +158,7 @@ impl ModelSpec {
     pub fn context_length(&self) -> i64 {
         match self {
             Self::Clip(c) => c.text.context_length,
-            Self::Albef { context_length, .. } => *context_length,
+            Self::Albef { context_length, .. } | Self::Blip { context_length, .. } => *context_length,
         }
     }
 
@@ -153,6 +167,7 @@ impl ModelSpec {
         match self {
             Self::Clip(c) => c.forward_flops_per_sample(),
             Self::Albef { config, .. } => config.forward_flops_per_sample(),
+            Self::Blip { config, .. } => config.forward_flops_per_sample(),
         }
     }
 }
@@ -188,6 +203,52 @@ pub fn model_spec(config: &JobConfig, tokenizer: &dyn TextTokenizer) -> Result<M
                 }));
             }
             Ok(ModelSpec::Albef { config: albef, vocab, context_length })
+        }
+        "blip" => {
+            let hf = tokenizer.as_hf().ok_or_else(|| TrainError::Tokenizer(format!(
+                "model.family = \"blip\" needs a BERT-style tokenizer.json with [DEC], [ENC], [SEP] and [PAD]; data.tokenizer is {}",
+                tokenizer.name()
+            )))?;
+            let names = ["[DEC]", "[ENC]", "[SEP]", "[PAD]"];
+            let ids: Vec<Option<u32>> = names.iter().map(|t| hf.token_to_id(t)).collect();
+            let missing: Vec<&str> = names.iter().zip(&ids).filter(|(_, id)| id.is_none()).map(|(t, _)| *t).collect();
+            let [Some(dec), Some(enc), Some(sep), Some(pad)] = ids[..] else {
+                return Err(TrainError::Tokenizer(format!(
+                    "model.family = \"blip\": tokenizer {} lacks {}; BLIP needs [DEC] (the decoder's first token), [ENC] (the \
+                     image-grounded encoder's first token), [SEP] and [PAD] (`braid data synth` writes a tokenizer-bert.json with \
+                     all four; for bert-base-uncased add [DEC] and [ENC] as BLIP does)",
+                    tokenizer.name(),
+                    missing.join(", ")
+                )));
+            };
+            let special = BlipTokens {
+                bos_token_id: i64::from(dec),
+                enc_token_id: i64::from(enc),
+                sep_token_id: i64::from(sep),
+                pad_token_id: i64::from(pad),
+            };
+            let default_context = if config.model.preset == "tiny" { 32 } else { 30 };
+            let context_length = config.model.context_length.map_or(default_context, |c| c as i64);
+            let mut blip = BlipConfig::preset(&config.model.preset, vocab_size, special, Some(context_length))?;
+            let m = &config.model;
+            blip.queue_size = m.queue_size() as i64;
+            blip.momentum = m.momentum;
+            blip.alpha = m.alpha;
+            let positions = blip.text.max_position_embeddings;
+            if !(2..=positions).contains(&context_length) {
+                return Err(TrainError::Model(ModelError::Weights {
+                    origin: "model.context_length".into(),
+                    reason: format!(
+                        "{context_length} tokens do not fit blip {}: a caption needs at least 2 tokens and at most the {positions} position embeddings",
+                        config.model.preset
+                    ),
+                }));
+            }
+            blip.validate().map_err(|problems| TrainError::Model(ModelError::Weights {
+                origin: format!("blip {} with tokenizer {}", config.model.preset, tokenizer.name()),
+                reason: problems,
+            }))?;
+            Ok(ModelSpec::Blip { config: blip, context_length })
         }
         _ => Ok(ModelSpec::Clip(clip_config(config, vocab_size)?)),
     }
@@ -286,6 +347,7 @@ impl Trainer {
             ModelSpec::Albef { config: albef, vocab, .. } => {
                 Box::new(albef::AlbefFamily::new(&mut vs, config, *albef, vocab.clone(), precision)?)
             }
+            ModelSpec::Blip { config: blip, .. } => Box::new(blip::BlipFamily::new(&mut vs, config, *blip, precision)?),
         };
         let t = &config.train;
         let named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
@@ -323,6 +385,11 @@ impl Trainer {
     /// The ALBEF model and its momentum encoders, when the job trains ALBEF.
     pub fn albef(&self) -> Option<&albef::AlbefFamily> {
         self.family.as_any().downcast_ref::<albef::AlbefFamily>()
+    }
+
+    /// The BLIP model and its momentum encoders, when the job trains BLIP.
+    pub fn blip(&self) -> Option<&blip::BlipFamily> {
+        self.family.as_any().downcast_ref::<blip::BlipFamily>()
     }
 
     /// The variable store holding the parameters.
