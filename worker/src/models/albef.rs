@@ -854,8 +854,8 @@ mod tests {
             let fused = model.fuse(&text, &mask, &image);
             assert_eq!(image.size(), [2, 17, 64]);
             assert_eq!(fused.size(), [2, 7, 64]);
-            assert_eq!(model.image_feature(&image).size(), [2, 32]);
-            assert_eq!(model.text_feature(&text).size(), [2, 32]);
+            assert_eq!(model.image_feature(&image).size(), [2, 64]);
+            assert_eq!(model.text_feature(&text).size(), [2, 64]);
             assert_eq!(model.itm_logits(&fused).size(), [2, 2]);
             let logits = model.mlm_logits(&fused);
             assert_eq!(logits.size(), [2, 7, 99]);
