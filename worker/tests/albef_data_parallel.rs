@@ -168,3 +168,32 @@ fn per_worker_hard_negatives_stay_in_the_rank_batch() {
         }
     }
 }
+
+#[test]
+fn a_restored_state_continues_exactly() {
+    // Train 6 steps, save the state, restore it into a fresh trainer (the path of a checkpoint
+    // resume and of the live-recovery broadcast), then train both 4 more steps.
+    let config = job("global");
+    let (listener, endpoint) = RingListener::bind("127.0.0.1:0").unwrap();
+    let mut coll = RingCollective::connect(listener, 0, 1, &[endpoint], 1, Duration::from_secs(60)).unwrap();
+    let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+    for step in 0..6 {
+        trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
+    }
+    let saved: Vec<(String, Tensor)> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    assert!(saved.iter().any(|(n, _)| n.starts_with("momentum.")) && saved.iter().any(|(n, _)| n == "queue.text.pointer"));
+    let mut restored = Trainer::new(&job("global"), spec(&config), Device::Cpu).unwrap();
+    restored.load_state(saved, "the saved state").unwrap();
+    assert_eq!(restored.replica_digest(), trainer.replica_digest(), "the restored state hashes like the original");
+    for step in 6..10 {
+        let a = trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
+        let b = restored.train_step(step, &global_batch(step), &mut coll).unwrap();
+        assert_eq!(a.loss, b.loss, "step {step}");
+    }
+    assert_eq!(restored.replica_digest(), trainer.replica_digest());
+
+    let mut wrong = trainer.state();
+    wrong.retain(|(n, _)| n != "queue.image.features");
+    let err = restored.load_state(wrong, "a state without its image queue").unwrap_err().to_string();
+    assert!(err.contains("queue.image.features") && err.contains("a state without its image queue"), "{err}");
+}

@@ -303,7 +303,7 @@ impl Leaves {
         let grads: Vec<Tensor> = leaves.iter().map(|(leaf, _)| leaf.grad().flatten(1, -1).to_kind(self.kind)).collect();
         let widths: Vec<i64> = grads.iter().map(|g| g.size()[1]).collect();
         let mut all = Tensor::cat(&grads, 1);
-        let _ = coll.rank();
+        coll.all_reduce_sum(&mut all)?;
         let own = self.own(&all);
         let mut start = 0;
         Ok(leaves
