@@ -185,7 +185,7 @@ impl Family for AlbefFamily {
         let itc = distill::local_loss(&image_feat, &text_feat, rows, &self.momentum.keys(&gathered), &self.model.temp, alpha);
 
         // 3b. ITM: one hard negative per direction, drawn over the candidates' momentum features.
-        let draw = self.sampler.draw(step, batch, &image_feat, &text_feat, &gathered, &leaves, &self.model.temp)?;
+        let draw = self.sampler.draw(step, batch, (&image_feat, &text_feat), &gathered, &leaves, &self.model.temp)?;
         let text_in = draw.pair_texts(&text_own, &text_leaf);
         let mask_in = draw.pair_texts(&attention_mask, &mask_c);
         let image_in = draw.pair_images(&image_own, &image_leaf);

@@ -194,7 +194,7 @@ impl Family for BlipFamily {
         let itc = distill::local_loss(&image_feat, &text_feat, rows, &self.momentum.keys(&gathered), &self.model.temp, alpha);
 
         // 3b. ITM: one hard negative per direction; every pair through the image-grounded encoder.
-        let draw = self.sampler.draw(step, batch, &image_feat, &text_feat, &gathered, &leaves, &self.model.temp)?;
+        let draw = self.sampler.draw(step, batch, (&image_feat, &text_feat), &gathered, &leaves, &self.model.temp)?;
         let ids_in = draw.pair_texts(&encoder_ids, &ids_c);
         let mask_in = draw.pair_texts(&attention_mask, &mask_c);
         let image_in = draw.pair_images(&image_own, &image_leaf);

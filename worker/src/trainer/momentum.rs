@@ -374,14 +374,14 @@ impl HardNegativeSampler {
 
     /// One negative caption per image and one negative image per caption of this rank's batch at
     /// `step`: weights `softmax(sim) + smoothing` over the candidates' momentum features
-    /// (`sim = feature . feature_m / temp`, without grad), the sample's own column and invalid
-    /// columns zeroed, drawn with a uniform hashed from the sample's position.
+    /// (`sim = feature . feature_m / temp`, without grad, from this rank's online `(image, text)`
+    /// features), the sample's own column and invalid columns zeroed, drawn with a uniform hashed
+    /// from the sample's position.
     pub fn draw(
         &mut self,
         step: u64,
         batch: &DeviceBatch,
-        image_feat: &Tensor,
-        text_feat: &Tensor,
+        (image_feat, text_feat): (&Tensor, &Tensor),
         gathered: &Gathered,
         leaves: &Leaves,
         temp: &Tensor,
