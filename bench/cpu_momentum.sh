@@ -7,14 +7,14 @@
 # Prints each measurement and, per model, the ratio of median step times (braid / reference;
 # lower is better, target <= 1.0).
 #
-#   MODELS="albef blip" PRESET=tiny BATCH=64 THREADS=2 STEPS=10 WARMUP=2 ROUNDS=3 bench/cpu_momentum.sh
-#   PRESET=base BATCH=4 STEPS=3 WARMUP=1 ROUNDS=2 bench/cpu_momentum.sh
+#   MODELS="albef blip" PRESET=tiny BATCH=64 THREADS=1 STEPS=10 WARMUP=2 ROUNDS=3 bench/cpu_momentum.sh
+#   PRESET=base BATCH=2 THREADS=2 STEPS=3 WARMUP=1 ROUNDS=2 bench/cpu_momentum.sh
 # Optional: VOCAB, CONTEXT, QUEUE (passed to both sides; default: each side's preset default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --test >/dev/null
 cargo build --release --bins -q
-MODELS=${MODELS:-albef blip} PRESET=${PRESET:-tiny} BATCH=${BATCH:-64} THREADS=${THREADS:-2}
+MODELS=${MODELS:-albef blip} PRESET=${PRESET:-tiny} BATCH=${BATCH:-64} THREADS=${THREADS:-1}
 STEPS=${STEPS:-10} WARMUP=${WARMUP:-2} ROUNDS=${ROUNDS:-3}
 braid_extra=() ref_extra=()
 if [[ -n "${VOCAB:-}" ]]; then braid_extra+=(--vocab-size "$VOCAB"); ref_extra+=(--vocab "$VOCAB"); fi

@@ -334,7 +334,7 @@ def main() -> None:
         terms = step(args.warmup + i)
         times.append(time.perf_counter() - t0)
     if args.trace:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             for i in range(3):
                 step(args.warmup + args.steps + i)
         prof.export_chrome_trace(args.trace)

@@ -13,7 +13,7 @@ use braid::data::synth::Scene;
 use braid::data::tokenizer::{HfTokenizer, TextTokenizer};
 use braid::models::albef::{export_torchmultimodal, Albef, AlbefConfig};
 use braid::models::blip::{export_transformers, generate_captions, Blip, BlipConfig, BlipTokens, CaptionOptions};
-use braid_tests::{braid, synth_data, BraidOutput, SynthData};
+use braid_tests::{braid, braid_run, python, synth_data, BraidOutput, JobFile, SynthData};
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -237,6 +237,160 @@ fn itm_and_itc_scores_match_the_model() {
     assert!(out.stdout.contains("best of 12 texts per image") && out.stdout.contains("own caption"), "{}", out.text());
     let last = out.stdout.lines().last().unwrap();
     assert!(last.starts_with("best text is the image's own caption: ") && last.contains("/12 images; chance"), "{last}");
+}
+
+#[test]
+fn a_trained_blip_checkpoint_captions_and_scores() {
+    let f = fixture();
+    let dir = f.data.dir.parent().unwrap().to_path_buf();
+    let root = dir.join("checkpoints");
+    let job_file = JobFile {
+        family: "blip".into(),
+        tokenizer: f.tokenizer.clone(),
+        eval: Some(f.data.eval_manifest()),
+        checkpoint: Some(root.clone()),
+        global_batch: 8,
+        steps: 3,
+        warmup_steps: 1,
+        ..JobFile::new("blip-infer", &f.data)
+    };
+    let job = job_file.write(&dir.join("job.toml"));
+    let run = braid_run(&job, 1, &dir.join("logs"), Duration::from_secs(180));
+    assert!(run.status.success(), "training the tiny BLIP failed:\n{}", run.text());
+
+    // With no --image or --data, the job's held-out set: --limit samples with their captions.
+    let out = braid([OsStr::new("infer"), OsStr::new("--job"), job.as_os_str(), OsStr::new("--task"), OsStr::new("caption"), OsStr::new("--limit"), OsStr::new("4")], TIMEOUT);
+    assert!(out.status.success(), "braid infer --job failed:\n{}", out.text());
+    println!("{}", out.stdout);
+    assert!(out.stdout.starts_with("blip tiny from step 2 of job blip-infer"), "{}", out.text());
+    assert_eq!(out.stdout.lines().count(), 1 + 1 + 4 + 1, "{}", out.text());
+    assert!(out.stdout.lines().last().unwrap().starts_with("token accuracy "), "{}", out.text());
+
+    // The caption of a file and its ITM scores are those of the checkpoint's model.
+    let config = braid_coordinator::config::JobConfig::load(&job).unwrap();
+    let tokenizer = HfTokenizer::from_file(&f.tokenizer).unwrap();
+    let (trainer, step) = braid::eval::load_checkpoint(&config, &tokenizer, None, Device::Cpu).unwrap();
+    assert_eq!(step, 2);
+    let model = &trainer.blip().expect("a BLIP job").model;
+    let image = f.image(&f.png);
+    let expected = generate_captions(model, &image, &CaptionOptions { max_length: 32, min_length: 0, num_beams: 1 });
+    let infer = |task: &str, extra: &[&OsStr]| {
+        let mut args = vec![OsStr::new("infer"), OsStr::new("--job"), job.as_os_str(), OsStr::new("--task"), OsStr::new(task)];
+        args.extend([OsStr::new("--image"), f.png.as_os_str(), OsStr::new("--json")]);
+        args.extend(extra);
+        json(&braid(args, TIMEOUT))
+    };
+    let report = infer("caption", &[]);
+    assert_eq!(ids(&report["captioning"]["captions"][0]["ids"]), expected[0]);
+    let text = "a small red circle on the left";
+    let report = infer("itm", &[OsStr::new("--text"), OsStr::new(text)]);
+    let (ids, mask) = f.text(text);
+    let expected = tch::no_grad(|| {
+        let ids = braid::trainer::blip::with_first_token(&ids, model.config().enc_token_id);
+        model.itm_logits(&model.encode_multimodal(&ids, &mask, &model.encode_image(&image))).softmax(-1, Kind::Float).double_value(&[0, 1])
+    });
+    let got = report["scoring"]["scores"][0][0].as_f64().unwrap();
+    assert!((got - expected).abs() < 1e-5, "braid infer {got}, in-process {expected}");
+}
+
+/// Saves tiny random `BlipForConditionalGeneration` and `BlipForImageTextRetrieval` models in the
+/// shape of braid's `tiny` preset with `save_pretrained` (`DIR/cap`, `DIR/ret`), writes a 32x32
+/// image `DIR/image.png` (the held-out transform leaves its pixels as they are) and prints, as
+/// JSON, transformers' captions (greedy and 3 beams) and ITM and ITC scores of the image with
+/// `TEXTS`. Arguments: DIR, the tokenizer.json.
+const TRANSFORMERS_REFERENCE: &str = r#"
+import json, sys
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
+                          BlipImageProcessor, PreTrainedTokenizerFast)
+
+out, tokenizer_file = sys.argv[1], sys.argv[2]
+TEXTS = ["a red circle in the top left", "small blue cross, top"]
+tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file)
+ids = {t: tok.convert_tokens_to_ids(t) for t in ["[PAD]", "[SEP]", "[DEC]", "[ENC]"]}
+config = BlipConfig(
+    vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8, layer_norm_eps=1e-5),
+    text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=64,
+                     pad_token_id=ids["[PAD]"], bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"],
+                     eos_token_id=ids["[SEP]"]),
+    projection_dim=64, image_text_hidden_size=64)
+torch.manual_seed(0)
+models = {}
+for name, cls in [("cap", BlipForConditionalGeneration), ("ret", BlipForImageTextRetrieval)]:
+    model = cls(config).eval()
+    with torch.no_grad():  # wider than the 0.02 initialisation, so that captions are not just [SEP]
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.125)
+    model.save_pretrained(f"{out}/{name}")
+    models[name] = model
+pixels = np.random.RandomState(0).randint(0, 256, (32, 32, 3)).astype(np.uint8)
+Image.fromarray(pixels).save(f"{out}/image.png")
+processor = BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                               image_std=[0.26862954, 0.26130258, 0.27577711])
+pixel_values = processor(Image.open(f"{out}/image.png").convert("RGB"), return_tensors="pt").pixel_values
+result = {}
+with torch.no_grad():
+    for beams in [1, 3]:
+        generated = models["cap"].generate(pixel_values=pixel_values, num_beams=beams, max_length=12, min_length=4)
+        result[f"caption_{beams}"] = generated[0].tolist()
+    text = tok(TEXTS, padding="max_length", max_length=32, return_tensors="pt")
+    itm_ids = text.input_ids.clone()
+    itm_ids[:, 0] = ids["[ENC]"]
+    images = pixel_values.repeat(len(TEXTS), 1, 1, 1)
+    itm = models["ret"](input_ids=itm_ids, attention_mask=text.attention_mask, pixel_values=images, use_itm_head=True)
+    result["itm"] = itm.itm_score.softmax(-1)[:, 1].tolist()
+    itc = models["ret"](input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=images, use_itm_head=False)
+    result["itc"] = itc.itm_score[0].tolist()
+print(json.dumps(result))
+"#;
+
+#[test]
+fn transformers_save_pretrained_weights_give_transformers_captions_and_scores() {
+    let f = fixture();
+    let dir = f.data.dir.parent().unwrap().join("transformers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let expected: Value = serde_json::from_str(&python(&["-c", TRANSFORMERS_REFERENCE, dir.to_str().unwrap(), f.tokenizer.to_str().unwrap()])).unwrap();
+    let (captioning, retrieval, image) = (dir.join("cap/model.safetensors"), dir.join("ret/model.safetensors"), dir.join("image.png"));
+    let texts = ["a red circle in the top left", "small blue cross, top"];
+    for beams in ["1", "3"] {
+        let args = [
+            OsStr::new("--task"),
+            OsStr::new("caption"),
+            OsStr::new("--image"),
+            image.as_os_str(),
+            OsStr::new("--beams"),
+            OsStr::new(beams),
+            OsStr::new("--max-length"),
+            OsStr::new("12"),
+            OsStr::new("--min-length"),
+            OsStr::new("4"),
+            OsStr::new("--json"),
+        ];
+        // Both files given: the captioning one is recognised by its keys.
+        let report = json(&f.infer(&[&retrieval, &captioning], &args));
+        // transformers returns [DEC] first, braid the ids after it.
+        let mut got = vec![f.blip.config().bos_token_id];
+        got.extend(ids(&report["captioning"]["captions"][0]["ids"]));
+        assert_eq!(got, ids(&expected[format!("caption_{beams}")]), "{beams} beam(s)");
+    }
+    for task in ["itm", "itc"] {
+        let mut args = vec![OsStr::new("--task"), OsStr::new(task), OsStr::new("--image"), image.as_os_str(), OsStr::new("--json")];
+        for t in &texts {
+            args.extend([OsStr::new("--text"), OsStr::new(*t)]);
+        }
+        let report = json(&f.infer(&[&captioning, &retrieval], &args));
+        let got = report["scoring"]["scores"][0].as_array().unwrap();
+        let want = expected[task].as_array().unwrap();
+        for (g, w) in got.iter().zip(want) {
+            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            assert!((g - w).abs() < 1e-5, "{task}: braid infer {g}, transformers {w}");
+        }
+    }
 }
 
 #[test]

@@ -524,7 +524,8 @@ fn fmt_captions(f: &mut std::fmt::Formatter<'_>, c: &CaptionReport) -> std::fmt:
         vec!["image".into(), "caption".into()]
     }];
     for r in &c.captions {
-        let mut row = vec![r.image.clone(), cell(&r.caption)];
+        let caption = if r.caption.is_empty() { "(empty)".to_string() } else { cell(&r.caption) };
+        let mut row = vec![r.image.clone(), caption];
         if with_truth {
             row.push(r.true_caption.as_deref().map(cell).unwrap_or_default());
             row.push(match (&r.true_ids, r.matched_tokens) {
