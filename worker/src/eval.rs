@@ -18,7 +18,11 @@
 //! past the true `[SEP]` loses that position). Exact match counts captions equal to the true one,
 //! `[SEP]` included. Their chance levels are image-blind guesses from the held-out captions
 //! themselves: for token accuracy, each position's most frequent token; for exact match, always
-//! the most frequent caption.
+//! the most frequent caption. Word F1 ignores order: per caption, the F1 of the multiset of
+//! generated tokens against the true ones (`[SEP]` left out), averaged over captions, with the
+//! most frequent caption as its chance level. It credits a caption that says the right things in
+//! other words (synthetic captions pick one of six templates at random, so no model can know the
+//! word order a held-out caption uses, and position-wise accuracy stays near its chance level).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -162,6 +166,10 @@ pub struct CaptionScores {
     pub chance_token_accuracy: f64,
     /// Exact-match rate of always emitting the most frequent held-out caption.
     pub chance_exact_match: f64,
+    /// Mean over captions of the order-free F1 of generated against true tokens (`[SEP]` left out).
+    pub word_f1: f64,
+    /// Word F1 of always emitting the most frequent held-out caption.
+    pub chance_word_f1: f64,
     /// A few generated captions with their true captions (text), when the tokenizer can decode.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub examples: Vec<CaptionExample>,
@@ -180,8 +188,8 @@ pub struct CaptionExample {
 const CAPTION_EXAMPLES: usize = 3;
 
 /// Scores `generated` captions against `truth` (token ids after the first token, up to and
-/// including `[SEP]`), pairwise; see the module docs. `examples` is left empty.
-pub fn caption_scores(generated: &[Vec<i64>], truth: &[Vec<i64>]) -> CaptionScores {
+/// including `[SEP]` = `sep`), pairwise; see the module docs. `examples` is left empty.
+pub fn caption_scores(generated: &[Vec<i64>], truth: &[Vec<i64>], sep: i64) -> CaptionScores {
     assert_eq!(generated.len(), truth.len(), "one generated caption per true caption");
     let tokens: usize = truth.iter().map(Vec::len).sum();
     let right: usize = generated.iter().zip(truth).map(|(g, t)| t.iter().enumerate().filter(|&(j, id)| g.get(j) == Some(id)).count()).sum();
@@ -201,16 +209,43 @@ pub fn caption_scores(generated: &[Vec<i64>], truth: &[Vec<i64>]) -> CaptionScor
     for t in truth {
         *caption_counts.entry(t.as_slice()).or_default() += 1;
     }
-    let most_frequent = caption_counts.values().copied().max().unwrap_or(0);
+    let (most_frequent_caption, most_frequent) =
+        caption_counts.iter().max_by_key(|(caption, count)| (**count, std::cmp::Reverse(**caption))).map_or((&[][..], 0), |(c, n)| (*c, *n));
     let per = |count: usize, of: usize| if of == 0 { 0.0 } else { count as f64 / of as f64 };
+    let mean = |sum: f64| if truth.is_empty() { 0.0 } else { sum / truth.len() as f64 };
     CaptionScores {
         samples: truth.len(),
         token_accuracy: per(right, tokens),
         exact_match: per(exact, truth.len()),
         chance_token_accuracy: per(majority_right, tokens),
         chance_exact_match: per(most_frequent, truth.len()),
+        word_f1: mean(generated.iter().zip(truth).map(|(g, t)| word_f1(g, t, sep)).sum()),
+        chance_word_f1: mean(truth.iter().map(|t| word_f1(most_frequent_caption, t, sep)).sum()),
         examples: Vec::new(),
     }
+}
+
+/// The F1 of the multiset of tokens of `generated` against those of `truth`, `sep` left out of
+/// both (1 when both are empty).
+fn word_f1(generated: &[i64], truth: &[i64], sep: i64) -> f64 {
+    let bag = |ids: &[i64]| {
+        let mut counts: HashMap<i64, usize> = HashMap::new();
+        for &id in ids.iter().filter(|&&id| id != sep) {
+            *counts.entry(id).or_default() += 1;
+        }
+        counts
+    };
+    let (g, t) = (bag(generated), bag(truth));
+    let (g_len, t_len) = (g.values().sum::<usize>(), t.values().sum::<usize>());
+    if g_len == 0 && t_len == 0 {
+        return 1.0;
+    }
+    let overlap: usize = g.iter().map(|(id, n)| (*n).min(t.get(id).copied().unwrap_or(0))).sum();
+    if overlap == 0 {
+        return 0.0;
+    }
+    let (precision, recall) = (overlap as f64 / g_len as f64, overlap as f64 / t_len as f64);
+    2.0 * precision * recall / (precision + recall)
 }
 
 /// Class names and prompt templates (`classes.json`).
@@ -296,6 +331,8 @@ pub struct EmbeddedSet {
     truth: Vec<Vec<i64>>,
     /// The first few captions as text: generated (ids) and true.
     examples: Vec<(Vec<i64>, String)>,
+    /// `[SEP]`, which ends the captions.
+    sep: i64,
 }
 
 impl EmbeddedSet {
@@ -360,8 +397,10 @@ impl EmbeddedSet {
     }
 
     /// Adds a batch's greedy captions (`generated`, ids after `[DEC]`, one per sample) and the
-    /// true captions of its valid samples (`tokens` `[B, L]`, ids 1 up to `eot_index`).
-    pub fn push_captions(&mut self, generated: Vec<Vec<i64>>, tokens: &[i64], eot_index: &[i64], captions: &[String], valid: &[bool]) {
+    /// true captions of its valid samples (`tokens` `[B, L]`, ids 1 up to `eot_index`, where
+    /// `sep` ends them).
+    pub fn push_captions(&mut self, generated: Vec<Vec<i64>>, tokens: &[i64], eot_index: &[i64], captions: &[String], valid: &[bool], sep: i64) {
+        self.sep = sep;
         let context = tokens.len() / valid.len().max(1);
         for (i, g) in generated.into_iter().enumerate().filter(|(i, _)| valid[*i]) {
             let row = &tokens[i * context..(i + 1) * context];
@@ -395,7 +434,7 @@ impl EmbeddedSet {
             ..Default::default()
         };
         if !self.truth.is_empty() {
-            report.captions = Some(caption_scores(&self.generated, &self.truth));
+            report.captions = Some(caption_scores(&self.generated, &self.truth, self.sep));
         }
         if let Some(prompts) = prompts {
             let labelled: Vec<usize> = (0..self.len()).filter(|&i| self.classes[i] >= 0).collect();
@@ -456,12 +495,14 @@ impl std::fmt::Display for EvalReport {
         if let Some(c) = &self.captions {
             writeln!(
                 f,
-                "captions (greedy, {} images): token accuracy {:.1}% (chance {:.1}%: each position's most frequent held-out token), \
-                 exact match {:.1}% (chance {:.1}%: the most frequent held-out caption)",
+                "captions (greedy, {} images): word F1 {:.1}%, token accuracy {:.1}%, exact match {:.1}% \
+                 (chance {:.1}%, {:.1}%, {:.1}%: the most frequent held-out caption; for token accuracy each position's most frequent token)",
                 c.samples,
+                100.0 * c.word_f1,
                 100.0 * c.token_accuracy,
-                100.0 * c.chance_token_accuracy,
                 100.0 * c.exact_match,
+                100.0 * c.chance_word_f1,
+                100.0 * c.chance_token_accuracy,
                 100.0 * c.chance_exact_match
             )?;
             for e in &c.examples {
@@ -492,13 +533,19 @@ mod tests {
         // Truth: [5 6 3], [5 7 3], [5 6 3]; generated: exact, one token wrong and too long, too short.
         let truth = vec![vec![5, 6, 3], vec![5, 7, 3], vec![5, 6, 3]];
         let generated = vec![vec![5, 6, 3], vec![5, 8, 9, 3], vec![5, 6]];
-        let s = caption_scores(&generated, &truth);
+        let s = caption_scores(&generated, &truth, 3);
         assert_eq!(s.samples, 3);
         assert!((s.token_accuracy - 6.0 / 9.0).abs() < 1e-12, "{s:?}");
         assert!((s.exact_match - 1.0 / 3.0).abs() < 1e-12);
         // Majority per position: 5 (3 of 3), 6 (2 of 3), 3 (3 of 3); most frequent caption: 2 of 3.
         assert!((s.chance_token_accuracy - 8.0 / 9.0).abs() < 1e-12);
         assert!((s.chance_exact_match - 2.0 / 3.0).abs() < 1e-12);
+        // Word F1 without [SEP]: 1; {5, 8, 9} vs {5, 7}: p 1/3, r 1/2, F1 0.4; {5, 6}: 1.
+        assert!((s.word_f1 - (1.0 + 0.4 + 1.0) / 3.0).abs() < 1e-12, "{s:?}");
+        // Always [5 6 3]: 1, {5, 6} vs {5, 7}: F1 0.5, 1.
+        assert!((s.chance_word_f1 - (1.0 + 0.5 + 1.0) / 3.0).abs() < 1e-12, "{s:?}");
+        // Order does not matter to word F1.
+        assert_eq!(caption_scores(&[vec![6, 5, 3]], &[vec![5, 6, 3]], 3).word_f1, 1.0);
     }
 
     #[test]
@@ -636,7 +683,8 @@ pub fn evaluate(config: &braid_coordinator::config::JobConfig, options: &EvalOpt
         set.push(image, text, &b.captions, &b.classes, &valid);
         if let Some(blip) = blip {
             let options = CaptionOptions { max_length: context as usize, min_length: 0, num_beams: 1 };
-            set.push_captions(generate_captions(blip, &images, &options), &b.tokens, &b.eot_index, &b.captions, &valid);
+            let sep = blip.config().sep_token_id;
+            set.push_captions(generate_captions(blip, &images, &options), &b.tokens, &b.eot_index, &b.captions, &valid, sep);
         }
     }
     let prompts = class_prompts(config, &data_url)?;

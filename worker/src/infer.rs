@@ -648,6 +648,13 @@ struct DataSettings {
     max_corrupt_samples: u64,
 }
 
+impl Default for DataSettings {
+    /// A job's defaults, for reference weights.
+    fn default() -> Self {
+        Self { seed: 0, shuffle_window_shards: 4, decode_threads: 2, max_corrupt_samples: 100 }
+    }
+}
+
 impl Session {
     fn model(&self) -> ModelRef<'_> {
         match &self.loaded {
@@ -902,12 +909,6 @@ fn load_albef_weights(file: &Path, preset: &str, tokenizer_path: &Path, task: Ta
         context_length: if preset == "tiny" { 32 } else { 30 },
     };
     Ok(Session { loaded: Loaded::Albef { _vs: vs, model }, tokenizer: Arc::new(hf), info, kind: Kind::Float, data: DataSettings::default() })
-}
-
-impl Default for DataSettings {
-    fn default() -> Self {
-        Self { seed: 0, shuffle_window_shards: 4, decode_threads: 2, max_corrupt_samples: 100 }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
