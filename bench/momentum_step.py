@@ -125,6 +125,9 @@ def albef_step(args):
                              dropout=0.0, vocab_size=V, max_position_embeddings=positions, pad_token_id=PAD)
     fusion = ALBEFMultimodalEncoder(hidden_size=tw, num_hidden_layers=fusion_layers, num_attention_heads=th,
                                     intermediate_size=tf)
+    # Word embeddings drawn as braid's (BERT's initializer range; torchmultimodal's default is N(0, 1),
+    # whose huge MLM logits would make the loss terms incomparable; the timing is the same).
+    nn.init.normal_(text.embeddings.word_embeddings.weight, std=tw ** -0.5 if args.preset == "tiny" else 0.02)
     albef = ALBEFModel(vision, text, fusion, momentum=args.momentum)
     model = ALBEFModelWithSimilarity(albef, nn.Linear(vw, embed), nn.Linear(tw, embed), embed_size=embed,
                                      queue_size=queue, temp=0.07).train()

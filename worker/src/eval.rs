@@ -150,8 +150,8 @@ pub struct EvalReport {
     pub captions: Option<CaptionScores>,
 }
 
-/// Greedy captions scored against the true captions (module docs: token accuracy, exact
-/// match and their chance levels).
+/// Greedy captions scored against the true captions (module docs: token accuracy, exact match,
+/// word F1 and their chance levels).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CaptionScores {
     /// Captions scored.
@@ -495,16 +495,16 @@ impl std::fmt::Display for EvalReport {
         if let Some(c) = &self.captions {
             writeln!(
                 f,
-                "captions (greedy, {} images): word F1 {:.1}%, token accuracy {:.1}%, exact match {:.1}% \
-                 (chance {:.1}%, {:.1}%, {:.1}%: the most frequent held-out caption; for token accuracy each position's most frequent token)",
+                "captions (greedy, {} images): word F1 {:.1}% (chance {:.1}%), token accuracy {:.1}% (chance {:.1}%), exact match {:.1}% (chance {:.1}%)",
                 c.samples,
                 100.0 * c.word_f1,
-                100.0 * c.token_accuracy,
-                100.0 * c.exact_match,
                 100.0 * c.chance_word_f1,
+                100.0 * c.token_accuracy,
                 100.0 * c.chance_token_accuracy,
+                100.0 * c.exact_match,
                 100.0 * c.chance_exact_match
             )?;
+            writeln!(f, "  chance: the most frequent held-out caption; for token accuracy each position's most frequent held-out token")?;
             for e in &c.examples {
                 writeln!(f, "  {:?} for {:?}", e.generated, e.truth)?;
             }

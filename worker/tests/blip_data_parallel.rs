@@ -1,13 +1,15 @@
 //! BLIP trained data-parallel equals BLIP trained in one process: W = 1, 2 and 4 ranks (threads
 //! joined by the TCP ring), fp64, 20 steps of a 16-sample global batch with momentum encoders,
-//! 64-entry queues that wrap around four times, a sample that failed to load every other step,
+//! 64-entry queues filled five times over, a sample that failed to load every other step,
 //! and hard negatives drawn over the whole global batch (negative captions re-encoded from their
 //! gathered token ids), end with the same parameters, optimizer moments, momentum weights and
 //! queue contents (1e-9 relative), with the same losses and the same drawn negatives at every
 //! step. The LM term is checked against label-smoothed cross-entropy written out here on the
 //! model's own logits, at W = 1, 2 and 4 (the mean over the global batch's tokens). With
 //! per-worker negatives the ranks draw from their own batch, so the draws depend on W by design;
-//! the test checks that they stay inside each rank's slice.
+//! the test checks that they stay inside each rank's slice. Also: a restored state continues
+//! exactly, bf16 ranks stay replicas with global negatives, and the model spec takes BLIP's
+//! special tokens from the tokenizer.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -28,10 +30,14 @@ const TOKENS: BlipTokens = BlipTokens { bos_token_id: 5, enc_token_id: 6, sep_to
 const LABEL_SMOOTHING: f64 = 0.1;
 
 fn job(hard_negatives: &str) -> JobConfig {
+    job_in(hard_negatives, "fp64")
+}
+
+fn job_in(hard_negatives: &str, precision: &str) -> JobConfig {
     let text = format!(
         "[job]\nname = \"blip-dp\"\nseed = 7\n[data]\ntrain = \"unused\"\n\
          [model]\nfamily = \"blip\"\npreset = \"tiny\"\nqueue_size = 64\nhard_negatives = \"{hard_negatives}\"\nalpha_ramp_steps = 10\n\
-         [train]\nglobal_batch = {BATCH}\nprecision = \"fp64\"\nsteps = {STEPS}\nwarmup_steps = 2\nlr = 1e-3\n"
+         [train]\nglobal_batch = {BATCH}\nprecision = \"{precision}\"\nsteps = {STEPS}\nwarmup_steps = 2\nlr = 1e-3\n"
     );
     JobConfig::parse(&text, "blip-dp").unwrap()
 }
@@ -278,4 +284,116 @@ fn lm_term_is_label_smoothed_cross_entropy_over_the_caption_tokens() {
             assert!((mean - expected).abs() < 1e-5 * expected, "Blip::lm_loss {mean} vs {expected}");
         }
     }
+}
+
+#[test]
+fn the_model_spec_takes_blip_tokens_from_the_tokenizer() {
+    use braid::data::synth::{write_tokenizer_style, TokenizerStyle};
+    use braid::data::tokenizer::load_tokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |extra: &str| JobConfig::parse(&format!("[job]\nname = \"blip-spec\"\n[data]\ntrain = \"unused\"\n[model]\nfamily = \"blip\"\n{extra}"), "blip-spec").unwrap();
+
+    let bert = dir.path().join("tokenizer-bert.json");
+    write_tokenizer_style(&bert, TokenizerStyle::Bert).unwrap();
+    let tokenizer = load_tokenizer(&bert.display().to_string()).unwrap();
+    let spec = braid::trainer::model_spec(&config("queue_size = 256\nmomentum = 0.99\nalpha = 0.3\n"), tokenizer.as_ref()).unwrap();
+    let ModelSpec::Blip { config: blip, context_length } = spec else { panic!("not BLIP: {spec:?}") };
+    assert_eq!((blip.bos_token_id, blip.enc_token_id, blip.sep_token_id, blip.pad_token_id), (5, 6, 3, 0));
+    assert_eq!((blip.queue_size, blip.momentum, blip.alpha), (256, 0.99, 0.3), "the job's [model] keys apply");
+    assert_eq!((context_length, blip.context_length), (32, 32), "tiny's default context");
+    assert_eq!(blip.text.vocab_size, tokenizer.vocab_size() as i64);
+    let spec = braid::trainer::model_spec(&config("context_length = 12\n"), tokenizer.as_ref()).unwrap();
+    assert_eq!((spec.family(), spec.context_length(), spec.image_size()), ("blip", 12, 32));
+    assert!(spec.forward_flops_per_sample() > 0.0);
+    let err = braid::trainer::model_spec(&config("context_length = 65\n"), tokenizer.as_ref()).unwrap_err().to_string();
+    assert!(err.contains("model.context_length") && err.contains("65") && err.contains("64 position embeddings"), "{err}");
+
+    let clip_style = dir.path().join("tokenizer.json");
+    write_tokenizer_style(&clip_style, TokenizerStyle::Clip).unwrap();
+    let tokenizer = load_tokenizer(&clip_style.display().to_string()).unwrap();
+    let err = braid::trainer::model_spec(&config(""), tokenizer.as_ref()).unwrap_err().to_string();
+    assert!(err.contains("[DEC], [ENC], [SEP]") && err.contains(&clip_style.display().to_string()), "{err}");
+}
+
+#[test]
+fn a_restored_state_continues_exactly() {
+    // Train 6 steps (the queues wrap), save the state, restore it into a fresh trainer (a
+    // checkpoint resume, the live-recovery broadcast), then train both 4 more steps.
+    let config = job("global");
+    let (listener, endpoint) = RingListener::bind("127.0.0.1:0").unwrap();
+    let mut coll = RingCollective::connect(listener, 0, 1, &[endpoint], 1, Duration::from_secs(60)).unwrap();
+    let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+    for step in 0..6 {
+        trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
+    }
+    let saved: Vec<(String, Tensor)> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let mut restored = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+    assert_ne!(restored.replica_digest(), trainer.replica_digest());
+    restored.load_state(saved, "the saved state").unwrap();
+    assert_eq!(restored.replica_digest(), trainer.replica_digest(), "the restored state hashes like the original");
+    for step in 6..10 {
+        let a = trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
+        let b = restored.train_step(step, &global_batch(step), &mut coll).unwrap();
+        assert_eq!(a.loss, b.loss, "step {step}");
+        assert_eq!(trainer.blip().unwrap().last_negatives(), restored.blip().unwrap().last_negatives());
+    }
+    assert_eq!(restored.replica_digest(), trainer.replica_digest());
+    assert_eq!(trainer.blip().unwrap().text_queue().pointer, (10 * BATCH) % 64);
+
+    let mut wrong = trainer.state();
+    wrong.retain(|(n, _)| n != "momentum.text_proj.weight");
+    let err = restored.load_state(wrong, "a state without a momentum tensor").unwrap_err().to_string();
+    assert!(err.contains("momentum.text_proj.weight") && err.contains("a state without a momentum tensor"), "{err}");
+}
+
+#[test]
+fn bf16_ranks_stay_replicas_with_global_negatives() {
+    // bf16 compute, fp32 master weights; the negatives' token ids travel as fp32.
+    let world_size = 2;
+    let listeners: Vec<(RingListener, String)> = (0..world_size).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
+    let endpoints: Vec<String> = listeners.iter().map(|(_, e)| e.clone()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, (listener, _))| {
+            let endpoints = endpoints.clone();
+            std::thread::spawn(move || {
+                tch::set_num_threads(1);
+                let mut coll = RingCollective::connect(listener, rank, world_size, &endpoints, 1, Duration::from_secs(60)).unwrap();
+                let config = job_in("global", "bf16");
+                let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+                let slot = BATCH / world_size as i64;
+                let losses: Vec<f64> = (0..3)
+                    .map(|step| {
+                        let batch = global_batch(step).narrow(rank as i64 * slot, slot);
+                        let batch = DeviceBatch { images: batch.images.to_kind(Kind::Float), ..batch };
+                        trainer.train_step(step, &batch, &mut coll).unwrap().loss
+                    })
+                    .collect();
+                (losses, trainer.replica_digest(), trainer.blip().unwrap().last_negatives().len())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(results[0].0.iter().all(|l| l.is_finite()), "{:?}", results[0].0);
+    assert_eq!(results[0].0, results[1].0, "every rank reports the global loss");
+    assert_eq!(results[0].1, results[1].1, "the ranks' parameters, momentum encoders and queues agree");
+    assert_eq!(results[0].2 + results[1].2, BATCH as usize, "a draw per sample of the last step");
+}
+
+#[test]
+fn alpha_ramps_over_two_epochs_unless_configured() {
+    let text = format!(
+        "[job]\nname = \"blip-alpha\"\n[data]\ntrain = \"unused\"\n[model]\nfamily = \"blip\"\nqueue_size = 64\n\
+         [train]\nglobal_batch = {BATCH}\nprecision = \"fp64\"\n"
+    );
+    let config = JobConfig::parse(&text, "blip-alpha").unwrap();
+    let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+    trainer.set_epoch_steps(10);
+    let alpha: Vec<f64> = [0, 10, 20, 30].iter().map(|&s| trainer.blip().unwrap().alpha_at(s)).collect();
+    assert_eq!(alpha, [0.0, 0.2, 0.4, 0.4], "BLIP's alpha * min(1, step / (2 * steps per epoch))");
+    let configured = job("global");
+    let mut trainer = Trainer::new(&configured, spec(&configured), Device::Cpu).unwrap();
+    trainer.set_epoch_steps(1000);
+    assert_eq!(trainer.blip().unwrap().alpha_at(5), 0.2, "alpha_ramp_steps = 10 wins");
 }

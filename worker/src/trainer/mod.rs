@@ -105,7 +105,7 @@ pub struct StepStats {
     pub logit_scale: f64,
     /// Valid samples in the global batch.
     pub samples: u64,
-    /// Global-batch values of the loss's terms (`itc`, `itm`, `mlm`; empty for CLIP).
+    /// Global-batch values of the loss's terms (`itc`, `itm`, then `mlm` for ALBEF or `lm` for BLIP; empty for CLIP).
     pub parts: Vec<(&'static str, f64)>,
 }
 
