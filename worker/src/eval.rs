@@ -5,18 +5,20 @@
 //! Retrieval counts a hit when a retrieved item carries the same caption as the query's pair
 //! (synthetic and web data repeat captions, so the paired index alone would undercount).
 //!
-//! ITM accuracy scores each held-out pair and one hard negative: the caption of another scene
-//! (a different caption) that the contrastive features rank closest to the image within its
-//! evaluation batch. A pair counts as right when the ITM head's match probability is above 0.5
-//! for the true caption and below it for the negative; chance is 50%.
+//! ITM accuracy scores each held-out pair and two negative captions from its evaluation batch
+//! that cannot describe the image (another caption text, and another class when the samples have
+//! classes: a caption of the same class may describe the same scene in other words): a random
+//! one, and the one the contrastive features rank closest to the image (hard). Each accuracy is
+//! balanced over the positives and one kind of negative: a decision is right when the ITM head's
+//! match probability is above 0.5 for the true caption and below it for the negative; chance is
+//! 50% for both.
 //!
 //! Captions (BLIP): the decoder's greedy caption of each held-out image (`[DEC]` first, up to the
-//! job's context length) against the image's true caption, both as token ids after the first token
-//! (`[DEC]`, `[CLS]`) up to and including `[SEP]`. Token accuracy is position-wise: the true
-//! caption's token `j` counts as right when the generated caption has the same token at `j`;
-//! right tokens over all true tokens of the held-out set (so a caption that stops early or runs on
-//! past the true `[SEP]` loses that position). Exact match counts captions equal to the true one,
-//! `[SEP]` included. Their chance levels are image-blind guesses from the held-out captions
+//! job's context length) against the image's true caption, both as the token ids between the
+//! first token (`[DEC]`, `[CLS]`) and `[SEP]`, as `braid infer` scores them. Token accuracy is
+//! position-wise: the true caption's token `j` counts as right when the generated caption has the
+//! same token at `j`; right tokens over all true tokens of the held-out set. Exact match counts
+//! captions equal to the true one. Their chance levels are image-blind guesses from the held-out captions
 //! themselves: for token accuracy, each position's most frequent token; for exact match, always
 //! the most frequent caption. Word F1 ignores order: per caption, the F1 of the multiset of
 //! generated tokens against the true ones (`[SEP]` left out), averaged over captions, with the
@@ -141,9 +143,12 @@ pub struct EvalReport {
     pub zero_shot_top1: Option<f64>,
     /// Chance level of zero-shot accuracy (1 / classes).
     pub zero_shot_chance: Option<f64>,
-    /// ITM accuracy on held-out pairs and their hard negatives (chance 0.5), for models with
-    /// an ITM head.
+    /// ITM accuracy on held-out pairs and random negatives (chance 0.5), for models with an ITM
+    /// head.
     pub itm_accuracy: Option<f64>,
+    /// ITM accuracy on held-out pairs and their hardest in-batch negatives (chance 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub itm_accuracy_hard: Option<f64>,
     /// Greedy captions of the held-out images against their true captions, for models with a
     /// caption decoder (BLIP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,8 +161,8 @@ pub struct EvalReport {
 pub struct CaptionScores {
     /// Captions scored.
     pub samples: usize,
-    /// Position-wise token accuracy over the true captions' tokens after the first, `[SEP]`
-    /// included.
+    /// Position-wise token accuracy over the true captions' tokens between the first token and
+    /// `[SEP]`.
     pub token_accuracy: f64,
     /// Fraction of generated captions equal to the true caption.
     pub exact_match: f64,
@@ -187,8 +192,9 @@ pub struct CaptionExample {
 /// Generated captions kept as text examples in [`CaptionScores::examples`].
 const CAPTION_EXAMPLES: usize = 3;
 
-/// Scores `generated` captions against `truth` (token ids after the first token, up to and
-/// including `[SEP]` = `sep`), pairwise; see the module docs. `examples` is left empty.
+/// Scores `generated` captions against `truth` (the token ids between the first token and
+/// `[SEP]` = `sep`, which word F1 also leaves out if present), pairwise; see the module docs.
+/// `examples` is left empty.
 pub fn caption_scores(generated: &[Vec<i64>], truth: &[Vec<i64>], sep: i64) -> CaptionScores {
     assert_eq!(generated.len(), truth.len(), "one generated caption per true caption");
     let tokens: usize = truth.iter().map(Vec::len).sum();
@@ -313,8 +319,35 @@ pub struct MatchBatch<'a> {
     pub text: &'a Tensor,
     /// Caption texts.
     pub captions: &'a [String],
+    /// Class of each sample, -1 where unknown.
+    pub classes: &'a [i64],
     /// Which samples count.
     pub valid: &'a [bool],
+}
+
+/// ITM decisions on held-out pairs and their negatives.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct ItmCounts {
+    /// Pairs scored (each with one random and one hard negative).
+    pairs: usize,
+    /// Pairs the head called matched.
+    positives_right: usize,
+    /// Random negatives the head called not matched.
+    random_right: usize,
+    /// Hardest negatives the head called not matched.
+    hard_right: usize,
+}
+
+impl ItmCounts {
+    /// Balanced accuracy on the pairs and their random negatives.
+    fn accuracy(&self) -> Option<f64> {
+        (self.pairs > 0).then(|| (self.positives_right + self.random_right) as f64 / (2 * self.pairs) as f64)
+    }
+
+    /// Balanced accuracy on the pairs and their hardest negatives.
+    fn accuracy_hard(&self) -> Option<f64> {
+        (self.pairs > 0).then(|| (self.positives_right + self.hard_right) as f64 / (2 * self.pairs) as f64)
+    }
 }
 
 /// Embeddings of the held-out set, accumulated batch by batch.
@@ -324,8 +357,8 @@ pub struct EmbeddedSet {
     text: Vec<Tensor>,
     captions: Vec<String>,
     classes: Vec<i64>,
-    /// ITM decisions that were right, and how many were made.
-    itm: Option<(usize, usize)>,
+    /// ITM decisions, for models with an ITM head.
+    itm: Option<ItmCounts>,
     /// Generated and true captions (token ids after the first token), for caption models.
     generated: Vec<Vec<i64>>,
     truth: Vec<Vec<i64>>,
@@ -358,57 +391,66 @@ impl EmbeddedSet {
         self.captions.is_empty()
     }
 
-    /// Adds the ITM decisions of one batch: each valid pair and its hardest in-batch negative
-    /// caption (another caption text, ranked closest to the image by `image`/`text` features).
+    /// Adds the ITM decisions of one batch: each valid pair, a random negative and the hardest
+    /// negative caption of the batch (module docs).
     pub fn push_itm(&mut self, model: &dyn EvalModel, batch: MatchBatch<'_>) {
-        let MatchBatch { images, tokens, eot_index, image, text, captions, valid } = batch;
+        let MatchBatch { images, tokens, eot_index, image, text, captions, classes, valid } = batch;
         let keep: Vec<usize> = (0..valid.len()).filter(|&i| valid[i]).collect();
         let groups = caption_groups(captions);
+        // A negative must not describe the image: another caption, and another class when both
+        // samples have one (a caption of the same class may describe the same scene in other words).
+        let unrelated = |i: usize, j: usize| groups[j] != groups[i] && (classes[i] < 0 || classes[j] < 0 || classes[i] != classes[j]);
         let similarity = image.matmul(&text.transpose(0, 1)).to_kind(Kind::Double).to_device(Device::Cpu);
-        let mut negatives = Vec::new();
-        let mut rows = Vec::new();
+        let (mut rows, mut random, mut hardest) = (Vec::new(), Vec::new(), Vec::new());
         for &i in &keep {
-            let row = Vec::<f64>::try_from(similarity.get(i as i64)).expect("fp64 similarities");
-            let best = keep.iter().copied().filter(|&j| groups[j] != groups[i]).max_by(|&a, &b| row[a].total_cmp(&row[b]));
-            if let Some(j) = best {
-                rows.push(i as i64);
-                negatives.push(j as i64);
+            let candidates: Vec<usize> = keep.iter().copied().filter(|&j| unrelated(i, j)).collect();
+            if candidates.is_empty() {
+                continue;
             }
+            let row = Vec::<f64>::try_from(similarity.get(i as i64)).expect("fp64 similarities");
+            let hard = candidates.iter().copied().max_by(|&a, &b| row[a].total_cmp(&row[b])).expect("a candidate");
+            let pick = braid_coordinator::plan::splitmix64_mix(i as u64 ^ 0x17E5_u64.wrapping_mul(self.len() as u64 + 1)) as usize % candidates.len();
+            rows.push(i as i64);
+            random.push(candidates[pick] as i64);
+            hardest.push(hard as i64);
         }
         if rows.is_empty() {
             return;
         }
         let device = images.device();
-        let rows_t = Tensor::from_slice(&rows).to_device(device);
-        let negatives_t = Tensor::from_slice(&negatives).to_device(device);
-        let pair_images = images.index_select(0, &rows_t).repeat([2, 1, 1, 1]);
-        let pair_tokens = Tensor::cat(&[tokens.index_select(0, &rows_t), tokens.index_select(0, &negatives_t)], 0);
-        let pair_eot = Tensor::cat(&[eot_index.index_select(0, &rows_t), eot_index.index_select(0, &negatives_t)], 0);
-        let Some(logits) = tch::no_grad(|| model.match_logits(&pair_images, &pair_tokens, &pair_eot)) else {
+        let index = |ids: &[i64]| Tensor::from_slice(ids).to_device(device);
+        let (rows_t, random_t, hardest_t) = (index(&rows), index(&random), index(&hardest));
+        let pair_images = images.index_select(0, &rows_t).repeat([3, 1, 1, 1]);
+        let pick = |t: &Tensor| Tensor::cat(&[t.index_select(0, &rows_t), t.index_select(0, &random_t), t.index_select(0, &hardest_t)], 0);
+        let Some(logits) = tch::no_grad(|| model.match_logits(&pair_images, &pick(tokens), &pick(eot_index))) else {
             return;
         };
-        let predicted_match = logits.argmax(1, false).eq(1).to_device(Device::Cpu);
-        let predicted = Vec::<bool>::try_from(predicted_match).expect("bool decisions");
+        let matched = Vec::<bool>::try_from(logits.argmax(1, false).eq(1).to_device(Device::Cpu)).expect("bool decisions");
         let n = rows.len();
-        let right = predicted[..n].iter().filter(|&&m| m).count() + predicted[n..].iter().filter(|&&m| !m).count();
-        let (correct, total) = self.itm.get_or_insert((0, 0));
-        *correct += right;
-        *total += 2 * n;
+        let positives = matched[..n].iter().filter(|&&m| m).count();
+        let random_right = matched[n..2 * n].iter().filter(|&&m| !m).count();
+        let hard_right = matched[2 * n..].iter().filter(|&&m| !m).count();
+        let itm = self.itm.get_or_insert_with(ItmCounts::default);
+        itm.pairs += n;
+        itm.positives_right += positives;
+        itm.random_right += random_right;
+        itm.hard_right += hard_right;
     }
 
     /// Adds a batch's greedy captions (`generated`, ids after `[DEC]`, one per sample) and the
-    /// true captions of its valid samples (`tokens` `[B, L]`, ids 1 up to `eot_index`, where
-    /// `sep` ends them).
+    /// true captions of its valid samples (`tokens` `[B, L]`, `[CLS]` first and `[SEP]` = `sep` at
+    /// `eot_index`); both are scored without their special tokens, as `braid infer` scores them.
     pub fn push_captions(&mut self, generated: Vec<Vec<i64>>, tokens: &[i64], eot_index: &[i64], captions: &[String], valid: &[bool], sep: i64) {
         self.sep = sep;
         let context = tokens.len() / valid.len().max(1);
         for (i, g) in generated.into_iter().enumerate().filter(|(i, _)| valid[*i]) {
             let row = &tokens[i * context..(i + 1) * context];
-            let truth = row[1..=(eot_index[i] as usize).clamp(1, context - 1)].to_vec();
+            let truth = crate::infer::true_caption_body(row, eot_index[i] as usize).to_vec();
+            let body = crate::infer::caption_body(&g, sep).to_vec();
             if self.examples.len() < CAPTION_EXAMPLES {
-                self.examples.push((g.clone(), captions[i].clone()));
+                self.examples.push((body.clone(), captions[i].clone()));
             }
-            self.generated.push(g);
+            self.generated.push(body);
             self.truth.push(truth);
         }
     }
@@ -430,7 +472,8 @@ impl EmbeddedSet {
             samples: self.len(),
             image_to_text: recall_at_k(&similarity, &groups, &groups),
             text_to_image: recall_at_k(&similarity.transpose(0, 1), &groups, &groups),
-            itm_accuracy: self.itm.filter(|(_, total)| *total > 0).map(|(correct, total)| correct as f64 / total as f64),
+            itm_accuracy: self.itm.and_then(|c| c.accuracy()),
+            itm_accuracy_hard: self.itm.and_then(|c| c.accuracy_hard()),
             ..Default::default()
         };
         if !self.truth.is_empty() {
@@ -489,8 +532,13 @@ impl std::fmt::Display for EvalReport {
         if let (Some(acc), Some(chance)) = (self.zero_shot_top1, self.zero_shot_chance) {
             writeln!(f, "zero-shot top-1: {:.1}% (chance {:.1}%)", 100.0 * acc, 100.0 * chance)?;
         }
-        if let Some(acc) = self.itm_accuracy {
-            writeln!(f, "ITM accuracy (true caption vs hardest in-batch negative): {:.1}% (chance 50.0%)", 100.0 * acc)?;
+        if let (Some(acc), Some(hard)) = (self.itm_accuracy, self.itm_accuracy_hard) {
+            writeln!(
+                f,
+                "ITM accuracy: {:.1}% against random negatives, {:.1}% against the hardest in-batch negatives (chance 50.0%)",
+                100.0 * acc,
+                100.0 * hard
+            )?;
         }
         if let Some(c) = &self.captions {
             writeln!(
@@ -679,7 +727,7 @@ pub fn evaluate(config: &braid_coordinator::config::JobConfig, options: &EvalOpt
         let tokens = Tensor::from_slice(&b.tokens).view([n, context]).to_device(options.device);
         let eot = Tensor::from_slice(&b.eot_index).to_device(options.device);
         let (image, text) = tch::no_grad(|| (model.image_features(&images), model.text_features(&tokens, &eot)));
-        set.push_itm(model, MatchBatch { images: &images, tokens: &tokens, eot_index: &eot, image: &image, text: &text, captions: &b.captions, valid: &valid });
+        set.push_itm(model, MatchBatch { images: &images, tokens: &tokens, eot_index: &eot, image: &image, text: &text, captions: &b.captions, classes: &b.classes, valid: &valid });
         set.push(image, text, &b.captions, &b.classes, &valid);
         if let Some(blip) = blip {
             let options = CaptionOptions { max_length: context as usize, min_length: 0, num_beams: 1 };

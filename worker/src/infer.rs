@@ -415,6 +415,9 @@ pub struct CaptionReport {
     pub token_accuracy: Option<f64>,
     /// `accuracy.exact_matches / accuracy.captions`.
     pub exact_match_rate: Option<f64>,
+    /// The scores `braid eval` reports (word F1, token accuracy, exact match, each with an
+    /// image-blind chance level), over the images with a true caption.
+    pub scores: Option<crate::eval::CaptionScores>,
 }
 
 /// How often the best-scoring text of a held-out image is its own caption.
@@ -553,7 +556,18 @@ fn fmt_captions(f: &mut std::fmt::Formatter<'_>, c: &CaptionReport) -> std::fmt:
             a.captions
         ),
         _ => writeln!(f, "{} captions; {decoding}", c.captions.len()),
+    }?;
+    if let Some(s) = &c.scores {
+        writeln!(
+            f,
+            "word F1 {:.1}% (chance {:.1}%), token accuracy chance {:.1}%, exact match chance {:.1}% (image-blind guesses from these true captions, as braid eval reports)",
+            100.0 * s.word_f1,
+            100.0 * s.chance_word_f1,
+            100.0 * s.chance_token_accuracy,
+            100.0 * s.chance_exact_match
+        )?;
     }
+    Ok(())
 }
 
 fn fmt_scores(f: &mut std::fmt::Formatter<'_>, s: &ScoreReport) -> std::fmt::Result {
@@ -1076,7 +1090,13 @@ fn caption(
         Ok(())
     })?;
     let accuracy = (accuracy.captions > 0).then_some(accuracy);
+    let (bodies, truths): (Vec<Vec<i64>>, Vec<Vec<i64>>) = rows
+        .iter()
+        .filter_map(|r| r.true_ids.as_ref().map(|t| (caption_body(&r.ids, sep).to_vec(), t.clone())))
+        .unzip();
+    let scores = (!truths.is_empty()).then(|| crate::eval::caption_scores(&bodies, &truths, sep));
     Ok(CaptionReport {
+        scores,
         decoding,
         captions: rows,
         token_accuracy: accuracy.and_then(|a| a.token_accuracy()),
