@@ -84,7 +84,7 @@ impl EvalModel for Albef {
     }
 
     fn device(&self) -> Device {
-        self.temp.device()
+        self.heads.temp.device()
     }
 }
 
@@ -106,7 +106,7 @@ impl EvalModel for Blip {
     }
 
     fn device(&self) -> Device {
-        self.temp.device()
+        self.heads.temp.device()
     }
 }
 

@@ -308,7 +308,7 @@ fn albef_matches_torchmultimodal() {
             FeatureQueue { features, valid, pointer: 0 }
         };
         let (image_queue, text_queue) = (queue("image_queue"), queue("text_queue"));
-        let temp = &model.temp;
+        let temp = &model.heads.temp;
         let text_all = Tensor::cat(&[&text_feat_m, &text_queue.features], 0);
         let image_all = Tensor::cat(&[&image_feat_m, &image_queue.features], 0);
         let sim_i2t = image_feat.matmul(&text_all.transpose(0, 1)) / temp;

@@ -474,7 +474,7 @@ fn objectives_share_every_block_but_the_self_attention() {
 
     let itc = reached(&|model, image| {
         let similarity = model.image_feature(image).matmul(&model.text_feature(&model.encode_text(&ids, &mask)).tr());
-        (similarity / &model.temp).sum(Kind::Float)
+        (similarity / &model.heads.temp).sum(Kind::Float)
     });
     let (_vs, _model, params) = perturbed(config, 5);
     let momentum: BTreeSet<String> = params.into_iter().map(|(n, _)| n).filter(|n| Blip::has_momentum(n)).collect();

@@ -43,15 +43,12 @@ use std::collections::{HashMap, HashSet};
 use tch::nn;
 use tch::{Kind, Tensor};
 
+use super::alignment::{AlignmentHeads, TEMP_MAX, TEMP_MIN};
 use super::bert::{BertConfig, INITIALIZER_RANGE, BertLmHead, BertModel, EncoderStates};
-use super::layers::{Activation, Linear, TransformerShape};
+use super::layers::{Activation, TransformerShape};
 use super::vit::{VisionTransformer, VitConfig};
 use super::ModelError;
 
-/// Lower bound of the temperature after every optimizer step (ALBEF's `temp.clamp_(0.001, 0.5)`).
-pub const TEMP_MIN: f64 = 0.001;
-/// Upper bound of the temperature.
-pub const TEMP_MAX: f64 = 0.5;
 
 /// Shape and pretraining hyperparameters of an ALBEF model.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -243,14 +240,9 @@ pub struct Albef {
     pub text: BertModel,
     /// Masked language-modelling head, under `mlm_head.`; its decoder is the text word embeddings.
     pub mlm_head: BertLmHead,
-    /// Image [CLS] to the contrastive feature space.
-    pub vision_proj: Linear,
-    /// Text [CLS] to the contrastive feature space.
-    pub text_proj: Linear,
-    /// Fused [CLS] to the two image-text matching logits (not matched, matched).
-    pub itm_head: Linear,
-    /// Learnable temperature of the contrastive loss, a scalar.
-    pub temp: Tensor,
+    /// Contrastive projections, temperature and ITM head (`vision_proj`, `text_proj`,
+    /// `itm_head`, `temp`).
+    pub heads: AlignmentHeads,
     config: AlbefConfig,
     compute: Kind,
 }
@@ -268,10 +260,7 @@ impl Albef {
             visual: VisionTransformer::new(root / "visual", config.vision, Activation::Gelu),
             text: BertModel::new(root / "text", config.text),
             mlm_head: BertLmHead::new(root / "mlm_head", &config.text),
-            vision_proj: Linear::new(root / "vision_proj", image_width, config.embed_dim, None),
-            text_proj: Linear::new(root / "text_proj", text_width, config.embed_dim, None),
-            itm_head: Linear::new(root / "itm_head", text_width, 2, None),
-            temp: root.var("temp", &[], nn::Init::Const(config.temp)),
+            heads: AlignmentHeads::new(root, image_width, text_width, config.embed_dim, config.temp),
             config,
             compute: Kind::Float,
         }
@@ -314,19 +303,19 @@ impl Albef {
     /// The L2-normalised contrastive image feature [batch, embed_dim] of `image_states`
     /// ([`Albef::encode_image`]): `vision_proj` of the [CLS] token.
     pub fn image_feature(&self, image_states: &Tensor) -> Tensor {
-        normalize(&image_states.select(1, 0).apply(&self.vision_proj))
+        self.heads.image_feature(image_states)
     }
 
     /// The L2-normalised contrastive text feature [batch, embed_dim] of `text_states`
     /// ([`Albef::encode_text`]): `text_proj` of the [CLS] token.
     pub fn text_feature(&self, text_states: &Tensor) -> Tensor {
-        normalize(&text_states.select(1, 0).apply(&self.text_proj))
+        self.heads.text_feature(text_states)
     }
 
     /// Image-text matching logits [batch, 2] of fused states ([`Albef::fuse`]): `itm_head` of
     /// the [CLS] token; class 1 is "matched".
     pub fn itm_logits(&self, fused: &Tensor) -> Tensor {
-        fused.select(1, 0).apply(&self.itm_head)
+        self.heads.itm_logits(fused)
     }
 
     /// Masked language-modelling logits [batch, L, vocab] of fused states.
@@ -336,10 +325,7 @@ impl Albef {
 
     /// Keeps the temperature in [0.001, 0.5] (after every optimizer step), in place, without grad.
     pub fn clamp_temp(&self) {
-        tch::no_grad(|| {
-            let mut temp = self.temp.shallow_clone();
-            let _ = temp.clamp_(TEMP_MIN, TEMP_MAX);
-        });
+        self.heads.clamp_temp();
     }
 
     /// Whether the parameter `name` (relative to the model's root, e.g. `visual.conv1.weight`)
@@ -351,10 +337,6 @@ impl Albef {
     }
 }
 
-/// Divides each row by its L2 norm (at least 1e-12), as `torch.nn.functional.normalize`.
-fn normalize(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
-}
 
 /// Tensors by name, in a state dict's order.
 pub type NamedTensors = Vec<(String, Tensor)>;
@@ -754,17 +736,17 @@ mod tests {
     fn temp_starts_at_config_and_clamps() {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Albef::new(&vs.root(), tiny());
-        assert!((model.temp.double_value(&[]) - 0.07).abs() < 1e-7);
+        assert!((model.heads.temp.double_value(&[]) - 0.07).abs() < 1e-7);
         tch::no_grad(|| {
-            let _ = model.temp.shallow_clone().fill_(2.0);
+            let _ = model.heads.temp.shallow_clone().fill_(2.0);
         });
         model.clamp_temp();
-        assert_eq!(model.temp.double_value(&[]), 0.5);
+        assert_eq!(model.heads.temp.double_value(&[]), 0.5);
         tch::no_grad(|| {
-            let _ = model.temp.shallow_clone().fill_(0.0);
+            let _ = model.heads.temp.shallow_clone().fill_(0.0);
         });
         model.clamp_temp();
-        assert!((model.temp.double_value(&[]) - 0.001).abs() < 1e-9);
+        assert!((model.heads.temp.double_value(&[]) - 0.001).abs() < 1e-9);
     }
 
     #[test]

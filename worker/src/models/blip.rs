@@ -53,15 +53,12 @@ use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use super::albef::NamedTensors;
+use super::alignment::{AlignmentHeads, TEMP_MAX, TEMP_MIN};
 use super::bert::{BertAttention, BertConfig, INITIALIZER_RANGE, BertLmHead, BertModel, DecodingCache, EncoderStates};
-use super::layers::{Activation, Linear, TransformerShape};
+use super::layers::{Activation, TransformerShape};
 use super::vit::{VisionTransformer, VitConfig};
 use super::ModelError;
 
-/// Lower bound of the temperature after every optimizer step (BLIP's `temp.clamp_(0.001, 0.5)`).
-pub const TEMP_MIN: f64 = 0.001;
-/// Upper bound of the temperature.
-pub const TEMP_MAX: f64 = 0.5;
 
 /// The special tokens BLIP adds to or takes from its BERT tokenizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,14 +353,9 @@ pub struct Blip {
     /// Language-modelling head of the decoder, under `lm_head.`; its decoder weight is the text
     /// word embeddings.
     pub lm_head: BertLmHead,
-    /// Image `[CLS]` to the contrastive feature space.
-    pub vision_proj: Linear,
-    /// Text `[CLS]` to the contrastive feature space.
-    pub text_proj: Linear,
-    /// Image-grounded `[ENC]` to the two image-text matching logits (not matched, matched).
-    pub itm_head: Linear,
-    /// Learnable temperature of the contrastive loss, a scalar.
-    pub temp: Tensor,
+    /// Contrastive projections, temperature and ITM head (`vision_proj`, `text_proj`,
+    /// `itm_head` on the image-grounded `[ENC]` state, `temp`).
+    pub heads: AlignmentHeads,
     config: BlipConfig,
     compute: Kind,
 }
@@ -385,10 +377,7 @@ impl Blip {
                 .map(|i| BertAttention::new(&decoder / i / "attention", &config.text, text_width))
                 .collect(),
             lm_head: BertLmHead::new(root / "lm_head", &config.text),
-            vision_proj: Linear::new(root / "vision_proj", image_width, config.embed_dim, None),
-            text_proj: Linear::new(root / "text_proj", text_width, config.embed_dim, None),
-            itm_head: Linear::new(root / "itm_head", text_width, 2, None),
-            temp: root.var("temp", &[], nn::Init::Const(config.temp)),
+            heads: AlignmentHeads::new(root, image_width, text_width, config.embed_dim, config.temp),
             config,
             compute: Kind::Float,
         }
@@ -449,19 +438,19 @@ impl Blip {
     /// The L2-normalised contrastive image feature [batch, embed_dim] of `image_states`
     /// ([`Blip::encode_image`]): `vision_proj` of the `[CLS]` token.
     pub fn image_feature(&self, image_states: &Tensor) -> Tensor {
-        normalize(&image_states.select(1, 0).apply(&self.vision_proj))
+        self.heads.image_feature(image_states)
     }
 
     /// The L2-normalised contrastive text feature [batch, embed_dim] of `text_states`
     /// ([`Blip::encode_text`]): `text_proj` of the `[CLS]` token.
     pub fn text_feature(&self, text_states: &Tensor) -> Tensor {
-        normalize(&text_states.select(1, 0).apply(&self.text_proj))
+        self.heads.text_feature(text_states)
     }
 
     /// Image-text matching logits [batch, 2] of image-grounded states
     /// ([`Blip::encode_multimodal`]): `itm_head` of the `[ENC]` token; class 1 is "matched".
     pub fn itm_logits(&self, multimodal_states: &Tensor) -> Tensor {
-        multimodal_states.select(1, 0).apply(&self.itm_head)
+        self.heads.itm_logits(multimodal_states)
     }
 
     /// BLIP's LM loss (fp32 scalar): the mean over every predicted real token of the
@@ -486,10 +475,7 @@ impl Blip {
 
     /// Keeps the temperature in [0.001, 0.5] (after every optimizer step), in place, without grad.
     pub fn clamp_temp(&self) {
-        tch::no_grad(|| {
-            let mut temp = self.temp.shallow_clone();
-            let _ = temp.clamp_(TEMP_MIN, TEMP_MAX);
-        });
+        self.heads.clamp_temp();
     }
 
     /// Whether the parameter `name` (relative to the model's root, e.g. `visual.conv1.weight`)
@@ -506,10 +492,6 @@ impl Blip {
 /// Label of a position that is not predicted (`torch.nn.CrossEntropyLoss`'s `ignore_index`).
 const IGNORE_INDEX: i64 = -100;
 
-/// Divides each row by its L2 norm (at least 1e-12), as `torch.nn.functional.normalize`.
-fn normalize(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
-}
 
 /// How [`generate_captions`] decodes. Lengths count the `[DEC]` token, as `transformers`'
 /// `generate(max_length=..., min_length=...)` and BLIP's `generate` do.
@@ -568,7 +550,7 @@ pub fn generate_captions(model: &Blip, images: &Tensor, options: &CaptionOptions
 /// Next-token logits [sequences, vocab] in fp32 after the sequences in `cache` extended by
 /// `tokens` (one per sequence), which join the cache.
 fn next_token_logits(model: &Blip, tokens: &[i64], cache: &mut DecodingCache) -> Tensor {
-    let device = model.temp.device();
+    let device = model.heads.temp.device();
     let ids = Tensor::from_slice(tokens).view([tokens.len() as i64, 1]).to_device(device);
     let h = model.text.decode_cached(&ids, Some(&model.decoder_self_attention), cache).select(1, 0);
     model.lm_head.forward(&h, model.text.embeddings().word_embeddings()).to_kind(Kind::Float)

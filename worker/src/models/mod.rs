@@ -1,6 +1,7 @@
 //! Model families. Each file reads like its paper's figure; shared blocks live in `layers`.
 
 pub mod albef;
+pub mod alignment;
 pub mod bert;
 pub mod blip;
 pub mod clip;

@@ -182,10 +182,10 @@ impl Family for AlbefFamily {
         let image_feat = self.model.image_feature(&image_own).to_kind(kind);
         let text_feat = self.model.text_feature(&text_own).to_kind(kind);
         let rows = rank as i64 * slot..(rank as i64 + 1) * slot;
-        let itc = distill::local_loss(&image_feat, &text_feat, rows, &self.momentum.keys(&gathered), &self.model.temp, alpha);
+        let itc = distill::local_loss(&image_feat, &text_feat, rows, &self.momentum.keys(&gathered), &self.model.heads.temp, alpha);
 
         // 3b. ITM: one hard negative per direction, drawn over the candidates' momentum features.
-        let draw = self.sampler.draw(step, batch, (&image_feat, &text_feat), &gathered, &leaves, &self.model.temp)?;
+        let draw = self.sampler.draw(step, batch, (&image_feat, &text_feat), &gathered, &leaves, &self.model.heads.temp)?;
         let text_in = draw.pair_texts(&text_own, &text_leaf);
         let mask_in = draw.pair_texts(&attention_mask, &mask_c);
         let image_in = draw.pair_images(&image_own, &image_leaf);
@@ -214,7 +214,7 @@ impl Family for AlbefFamily {
     }
 
     fn logit_scale(&self) -> f64 {
-        1.0 / self.model.temp.double_value(&[])
+        1.0 / self.model.heads.temp.double_value(&[])
     }
 
     fn extra_state(&self) -> Vec<(String, Tensor)> {
