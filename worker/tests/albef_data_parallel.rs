@@ -6,6 +6,8 @@
 //! With per-worker negatives the ranks draw from their own batch, so the draws (and the run)
 //! depend on W by design; the test checks that they stay inside each rank's slice.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use braid::models::albef::AlbefConfig;
 use braid::trainer::albef::DrawnNegatives;
 use braid::trainer::{seeded, DeviceBatch, ModelSpec, Trainer};
 use braid_coordinator::config::JobConfig;
+use common::{max_relative_difference, on_ring_ranks};
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 16;
@@ -69,62 +72,25 @@ struct Run {
 }
 
 fn train(world_size: usize, hard_negatives: &str) -> Run {
-    let listeners: Vec<(RingListener, String)> = (0..world_size).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
-    let endpoints: Vec<String> = listeners.iter().map(|(_, e)| e.clone()).collect();
     let hard_negatives = hard_negatives.to_string();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, (listener, _))| {
-            let endpoints = endpoints.clone();
-            let hard_negatives = hard_negatives.clone();
-            std::thread::spawn(move || {
-                tch::set_num_threads(1);
-                let mut coll = RingCollective::connect(listener, rank, world_size, &endpoints, 1, Duration::from_secs(60)).unwrap();
-                let config = job(&hard_negatives);
-                let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
-                let slot = BATCH / world_size as i64;
-                let mut negatives = Vec::new();
-                let mut losses = Vec::new();
-                for step in 0..STEPS {
-                    let batch = global_batch(step).narrow(rank as i64 * slot, slot);
-                    let stats = trainer.train_step(step, &batch, &mut coll).unwrap();
-                    losses.push(stats.loss);
-                    negatives.push(trainer.albef().unwrap().last_negatives().to_vec());
-                }
-                let state: HashMap<String, Tensor> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
-                (state, negatives, losses)
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = on_ring_ranks(world_size, move |rank, coll| {
+        let config = job(&hard_negatives);
+        let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+        let slot = BATCH / world_size as i64;
+        let (mut negatives, mut losses) = (Vec::new(), Vec::new());
+        for step in 0..STEPS {
+            let batch = global_batch(step).narrow(rank as i64 * slot, slot);
+            let stats = trainer.train_step(step, &batch, coll).unwrap();
+            losses.push(stats.loss);
+            negatives.push(trainer.albef().unwrap().last_negatives().to_vec());
+        }
+        let state: HashMap<String, Tensor> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+        (state, negatives, losses)
+    });
     // Every step's draws of all ranks, in rank order (each rank's rows follow the previous ones').
     let negatives = (0..STEPS as usize).map(|step| results.iter().flat_map(|(_, n, _)| n[step].clone()).collect()).collect();
     let (state, _, losses) = results.into_iter().next().expect("rank 0");
     Run { state, negatives, losses }
-}
-
-/// Attention key biases shift every score of a query by the same amount, which the softmax
-/// ignores: their exact gradient is zero and the computed one is rounding noise, which Adam
-/// normalises into full-size steps. They (and their moments and momentum copies) are the one
-/// part of the state that depends on summation order, so they are left out of the comparison.
-fn is_key_bias(name: &str) -> bool {
-    name.ends_with("self.key.bias")
-}
-
-fn max_relative_difference(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f64, String) {
-    assert_eq!(a.len(), b.len(), "state sizes differ");
-    let mut worst = (0.0, String::new());
-    for (name, x) in a.iter().filter(|(name, _)| !is_key_bias(name)) {
-        let y = b.get(name).unwrap_or_else(|| panic!("{name} missing"));
-        let (x, y) = (x.to_kind(Kind::Double), y.to_kind(Kind::Double));
-        let scale = x.abs().max().double_value(&[]).max(1e-12);
-        let d = (&x - &y).abs().max().double_value(&[]) / scale;
-        if d > worst.0 {
-            worst = (d, name.clone());
-        }
-    }
-    worst
 }
 
 #[test]

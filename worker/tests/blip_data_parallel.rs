@@ -11,6 +11,8 @@
 //! exactly, bf16 ranks stay replicas with global negatives, and the model spec takes BLIP's
 //! special tokens from the tokenizer.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use braid::models::blip::{Blip, BlipConfig, BlipTokens};
 use braid::trainer::blip::{lm_loss_sum, lm_targets, with_first_token, DrawnNegatives};
 use braid::trainer::{seeded, DeviceBatch, ModelSpec, Trainer};
 use braid_coordinator::config::JobConfig;
+use common::{max_relative_difference, on_ring_ranks};
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 16;
@@ -89,67 +92,32 @@ struct Run {
 }
 
 fn train(world_size: usize, hard_negatives: &str) -> Run {
-    let listeners: Vec<(RingListener, String)> = (0..world_size).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
-    let endpoints: Vec<String> = listeners.iter().map(|(_, e)| e.clone()).collect();
     let hard_negatives = hard_negatives.to_string();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, (listener, _))| {
-            let endpoints = endpoints.clone();
-            let hard_negatives = hard_negatives.clone();
-            std::thread::spawn(move || {
-                tch::set_num_threads(1);
-                let mut coll = RingCollective::connect(listener, rank, world_size, &endpoints, 1, Duration::from_secs(60)).unwrap();
-                let config = job(&hard_negatives);
-                let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
-                let slot = BATCH / world_size as i64;
-                let (mut negatives, mut losses, mut lm) = (Vec::new(), Vec::new(), Vec::new());
-                for step in 0..STEPS {
-                    let batch = global_batch(step).narrow(rank as i64 * slot, slot);
-                    let stats = trainer.train_step(step, &batch, &mut coll).unwrap();
-                    losses.push(stats.loss);
-                    let names: Vec<&str> = stats.parts.iter().map(|(n, _)| *n).collect();
-                    assert_eq!(names, ["itc", "itm", "lm"]);
-                    let parts: f64 = stats.parts.iter().map(|(_, v)| v).sum();
-                    assert!((parts - stats.loss).abs() <= 1e-12 * stats.loss.abs(), "the parts add up to the loss");
-                    lm.push(stats.parts[2].1);
-                    negatives.push(trainer.blip().unwrap().last_negatives().to_vec());
-                }
-                let state: HashMap<String, Tensor> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
-                (state, negatives, losses, lm)
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = on_ring_ranks(world_size, move |rank, coll| {
+        let config = job(&hard_negatives);
+        let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+        let slot = BATCH / world_size as i64;
+        let (mut negatives, mut losses, mut lm) = (Vec::new(), Vec::new(), Vec::new());
+        for step in 0..STEPS {
+            let batch = global_batch(step).narrow(rank as i64 * slot, slot);
+            let stats = trainer.train_step(step, &batch, coll).unwrap();
+            losses.push(stats.loss);
+            let names: Vec<&str> = stats.parts.iter().map(|(n, _)| *n).collect();
+            assert_eq!(names, ["itc", "itm", "lm"]);
+            let parts: f64 = stats.parts.iter().map(|(_, v)| v).sum();
+            assert!((parts - stats.loss).abs() <= 1e-12 * stats.loss.abs(), "the parts add up to the loss");
+            lm.push(stats.parts[2].1);
+            negatives.push(trainer.blip().unwrap().last_negatives().to_vec());
+        }
+        let state: HashMap<String, Tensor> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+        (state, negatives, losses, lm)
+    });
     // Every step's draws of all ranks, in rank order (each rank's rows follow the previous ones').
     let negatives = (0..STEPS as usize).map(|step| results.iter().flat_map(|(_, n, _, _)| n[step].clone()).collect()).collect();
     let (state, _, losses, lm) = results.into_iter().next().expect("rank 0");
     Run { state, negatives, losses, lm }
 }
 
-/// Attention key biases shift every score of a query by the same amount, which the softmax
-/// ignores: their exact gradient is zero and the computed one is rounding noise, which Adam
-/// normalises into full-size steps. They (and their moments and momentum copies) are the one
-/// part of the state that depends on summation order, so they are left out of the comparison.
-fn is_key_bias(name: &str) -> bool {
-    name.ends_with("self.key.bias")
-}
-
-fn max_relative_difference(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f64, String) {
-    assert_eq!(a.len(), b.len(), "state sizes differ");
-    let mut worst = (0.0, String::new());
-    for (name, x) in a.iter().filter(|(name, _)| !is_key_bias(name)) {
-        let y = b.get(name).unwrap_or_else(|| panic!("{name} missing"));
-        let (x, y) = (x.to_kind(Kind::Double), y.to_kind(Kind::Double));
-        let scale = x.abs().max().double_value(&[]).max(1e-12);
-        let d = (&x - &y).abs().max().double_value(&[]) / scale;
-        if d > worst.0 {
-            worst = (d, name.clone());
-        }
-    }
-    worst
-}
 
 /// BLIP's LM loss written out: at every position `i` whose next token is a real token of a
 /// valid caption, `(1 - eps) * (-log p_i(y)) + eps * mean_v(-log p_i(v))` with
@@ -350,31 +318,19 @@ fn a_restored_state_continues_exactly() {
 fn bf16_ranks_stay_replicas_with_global_negatives() {
     // bf16 compute, fp32 master weights; the negatives' token ids travel as fp32.
     let world_size = 2;
-    let listeners: Vec<(RingListener, String)> = (0..world_size).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
-    let endpoints: Vec<String> = listeners.iter().map(|(_, e)| e.clone()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, (listener, _))| {
-            let endpoints = endpoints.clone();
-            std::thread::spawn(move || {
-                tch::set_num_threads(1);
-                let mut coll = RingCollective::connect(listener, rank, world_size, &endpoints, 1, Duration::from_secs(60)).unwrap();
-                let config = job_in("global", "bf16");
-                let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
-                let slot = BATCH / world_size as i64;
-                let losses: Vec<f64> = (0..3)
-                    .map(|step| {
-                        let batch = global_batch(step).narrow(rank as i64 * slot, slot);
-                        let batch = DeviceBatch { images: batch.images.to_kind(Kind::Float), ..batch };
-                        trainer.train_step(step, &batch, &mut coll).unwrap().loss
-                    })
-                    .collect();
-                (losses, trainer.replica_digest(), trainer.blip().unwrap().last_negatives().len())
+    let results = on_ring_ranks(world_size, move |rank, coll| {
+        let config = job_in("global", "bf16");
+        let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+        let slot = BATCH / world_size as i64;
+        let losses: Vec<f64> = (0..3)
+            .map(|step| {
+                let batch = global_batch(step).narrow(rank as i64 * slot, slot);
+                let batch = DeviceBatch { images: batch.images.to_kind(Kind::Float), ..batch };
+                trainer.train_step(step, &batch, coll).unwrap().loss
             })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            .collect();
+        (losses, trainer.replica_digest(), trainer.blip().unwrap().last_negatives().len())
+    });
     assert!(results[0].0.iter().all(|l| l.is_finite()), "{:?}", results[0].0);
     assert_eq!(results[0].0, results[1].0, "every rank reports the global loss");
     assert_eq!(results[0].1, results[1].1, "the ranks' parameters, momentum encoders and queues agree");

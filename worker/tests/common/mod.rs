@@ -1,0 +1,58 @@
+//! What the data-parallel tests of the momentum families share: ranks as threads joined by the
+//! TCP ring, and the comparison of two trainers' states.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use braid::collective::{RingCollective, RingListener};
+use tch::{Kind, Tensor};
+
+/// Runs `rank_main(rank, collective)` on `world_size` threads joined by the TCP ring (one
+/// libtorch thread each); returns their results in rank order.
+pub fn on_ring_ranks<T, F>(world_size: usize, rank_main: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, &mut RingCollective) -> T + Send + Sync + 'static,
+{
+    let rank_main = std::sync::Arc::new(rank_main);
+    let listeners: Vec<(RingListener, String)> = (0..world_size).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
+    let endpoints: Vec<String> = listeners.iter().map(|(_, e)| e.clone()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, (listener, _))| {
+            let (endpoints, rank_main) = (endpoints.clone(), rank_main.clone());
+            std::thread::spawn(move || {
+                tch::set_num_threads(1);
+                let mut coll = RingCollective::connect(listener, rank, world_size, &endpoints, 1, Duration::from_secs(60)).unwrap();
+                rank_main(rank, &mut coll)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Attention key biases shift every score of a query by the same amount, which the softmax
+/// ignores: their exact gradient is zero and the computed one is rounding noise, which Adam
+/// normalises into full-size steps. They (and their moments and momentum copies) are the one
+/// part of the state that depends on summation order, so they are left out of the comparison.
+pub fn is_key_bias(name: &str) -> bool {
+    name.ends_with("self.key.bias")
+}
+
+/// The largest difference between two states, relative to each tensor's largest magnitude in
+/// `a`, and the tensor it is in (key biases left out, see [`is_key_bias`]).
+pub fn max_relative_difference(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f64, String) {
+    assert_eq!(a.len(), b.len(), "state sizes differ");
+    let mut worst = (0.0, String::new());
+    for (name, x) in a.iter().filter(|(name, _)| !is_key_bias(name)) {
+        let y = b.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        let (x, y) = (x.to_kind(Kind::Double), y.to_kind(Kind::Double));
+        let scale = x.abs().max().double_value(&[]).max(1e-12);
+        let d = (&x - &y).abs().max().double_value(&[]) / scale;
+        if d > worst.0 {
+            worst = (d, name.clone());
+        }
+    }
+    worst
+}
