@@ -552,7 +552,7 @@ impl JobConfig {
         let global_batch = self.train.global_batch;
         if global_batch > 0 {
             let queue = m.queue_size();
-            if queue == 0 || queue % global_batch != 0 {
+            if queue == 0 || !queue.is_multiple_of(global_batch) {
                 let below = queue / global_batch * global_batch;
                 let hint = if below == 0 { format!("{global_batch}") } else { format!("{below} or {}", below + global_batch) };
                 p.push(format!(

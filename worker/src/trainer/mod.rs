@@ -284,6 +284,9 @@ pub(crate) trait Family: Send {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
+/// Global-batch values of a loss's named terms.
+type LossParts = Vec<(&'static str, f64)>;
+
 /// This rank's share of a step's loss.
 pub(crate) struct LossShare {
     /// The share of the total loss (a scalar tensor, detached).
@@ -467,7 +470,7 @@ impl Trainer {
         step: u64,
         batch: &DeviceBatch,
         coll: &mut dyn Collective,
-    ) -> Result<(f64, u64, Vec<(&'static str, f64)>), TrainError> {
+    ) -> Result<(f64, u64, LossParts), TrainError> {
         self.optimizer.zero_grad()?;
         let share = self.family.forward_backward(step, batch, coll)?;
         // Sum gradients over ranks, the loss shares riding along unless the wire is bf16 (the
