@@ -56,7 +56,9 @@ pub struct ModelSection {
     #[serde(default)]
     pub quick_gelu: bool,
     /// Weights to start from instead of a random initialisation: a safetensors file in the
-    /// open_clip layout (as written by `braid export --format open_clip`). Default: none.
+    /// family's reference layout (CLIP: open_clip's, as `braid export --format open_clip` writes
+    /// it; ALBEF: torchmultimodal's; BLIP: transformers' retrieval or captioning model).
+    /// Default: none.
     #[serde(default)]
     pub init_from: Option<String>,
     /// Text context length in tokens. Default: the preset's (`tiny` 32, base presets 77).
@@ -575,9 +577,6 @@ impl JobConfig {
         }
         if m.quick_gelu {
             p.push(format!("model.quick_gelu applies to the clip family, not {:?}", m.family));
-        }
-        if m.init_from.is_some() && m.family != "clip" {
-            p.push(format!("model.init_from (open_clip weights) applies to the clip family, not {:?}", m.family));
         }
     }
 

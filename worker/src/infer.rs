@@ -748,7 +748,7 @@ fn copy_into(vs: &nn::VarStore, tensors: &[(String, Tensor)], origin: &str) -> R
 
 /// The transformers BLIP layout a state dict holds, judged by its keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum BlipLayout {
+pub(crate) enum BlipLayout {
     /// `BlipForImageTextRetrieval`: `text_encoder.*`, `vision_proj`, `text_proj`, `itm_head`.
     Retrieval,
     /// `BlipForConditionalGeneration`: `text_decoder.*`.
@@ -765,7 +765,7 @@ impl BlipLayout {
 }
 
 /// Which BLIP layout the keys of a state dict are.
-fn blip_layout(keys: &[&str]) -> Result<BlipLayout, String> {
+pub(crate) fn blip_layout(keys: &[&str]) -> Result<BlipLayout, String> {
     let retrieval = keys.iter().any(|k| k.starts_with("text_encoder.") || k.starts_with("itm_head."));
     let captioning = keys.iter().any(|k| k.starts_with("text_decoder."));
     match (retrieval, captioning) {

@@ -8,6 +8,7 @@ pub mod devicecheck;
 pub mod eval;
 pub mod export;
 pub mod infer;
+pub mod init_from;
 pub mod models;
 pub mod multi_tensor;
 pub mod objectives;

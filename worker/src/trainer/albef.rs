@@ -229,6 +229,10 @@ impl Family for AlbefFamily {
         self.momentum.set_epoch_steps(steps);
     }
 
+    fn reset_momentum(&mut self) -> Result<(), TrainError> {
+        self.momentum.reset_to_live()
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

@@ -238,6 +238,10 @@ impl Family for BlipFamily {
         self.momentum.set_epoch_steps(steps);
     }
 
+    fn reset_momentum(&mut self) -> Result<(), TrainError> {
+        self.momentum.reset_to_live()
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

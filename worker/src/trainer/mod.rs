@@ -276,6 +276,12 @@ pub(crate) trait Family: Send {
     /// Restores [`Family::extra_state`] from `source`; `origin` names it in errors.
     fn load_extra_state(&mut self, source: &HashMap<String, Tensor>, origin: &str) -> Result<(), TrainError>;
 
+    /// Sets the momentum encoders to the live weights, after weights were loaded into them
+    /// (ALBEF, BLIP); nothing for families without momentum encoders.
+    fn reset_momentum(&mut self) -> Result<(), TrainError> {
+        Ok(())
+    }
+
     /// Tells the family how many steps one epoch of the training set takes (ALBEF and BLIP
     /// ramp their distillation weight over the first epochs).
     fn set_epoch_steps(&mut self, _steps: u64) {}
@@ -530,7 +536,28 @@ impl Trainer {
     /// Loads bare model weights (`<name>` keys as braid names them), e.g. from an export.
     pub fn load_weights(&mut self, tensors: &[(String, Tensor)], origin: &str) -> Result<(), TrainError> {
         let map: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        self.copy_params(|name| map.get(name).copied(), "", origin)
+        self.copy_params(|name| map.get(name).copied(), "", origin)?;
+        self.family.reset_momentum()
+    }
+
+    /// Loads the weights a reference layout has (braid names), keeping the initialisation of
+    /// the parameters `may_lack` allows it to lack (heads the reference does not have); the
+    /// momentum encoders then start as copies of the result. Returns the parameters left at
+    /// their initialisation.
+    pub fn load_partial_weights(&mut self, tensors: &[(String, Tensor)], may_lack: impl Fn(&str) -> bool, origin: &str) -> Result<Vec<String>, TrainError> {
+        let map: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut kept = Vec::new();
+        let err = |reason: String| TrainError::State { origin: origin.to_string(), reason };
+        for (name, param) in self.optimizer.params() {
+            match map.get(name) {
+                Some(src) if src.size() == param.size() => tch::no_grad(|| param.shallow_clone().copy_(src)),
+                Some(src) => return Err(err(format!("tensor {name:?} has shape {:?}, the model needs {:?}", src.size(), param.size()))),
+                None if may_lack(name) => kept.push(name.to_string()),
+                None => return Err(err(format!("missing tensor {name:?}"))),
+            };
+        }
+        self.family.reset_momentum()?;
+        Ok(kept)
     }
 
     /// Copies every parameter from `source` (by parameter name), checking presence and shape;

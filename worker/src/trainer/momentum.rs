@@ -213,6 +213,12 @@ impl Momentum {
         Ok(())
     }
 
+    /// Sets the momentum encoders to the live weights (after weights were loaded into them).
+    pub fn reset_to_live(&mut self) -> Result<(), TrainError> {
+        self.copy.update(&self.sources, 0.0)?;
+        Ok(())
+    }
+
     /// `momentum.*`, `queue.image.*` and `queue.text.*` (shallow).
     pub fn extra_state(&self) -> Vec<(String, Tensor)> {
         let mut state = self.copy.named("momentum.");

@@ -52,7 +52,7 @@ pub enum WorkerError {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// `[model] init_from` could not be loaded.
     #[error(transparent)]
-    Init(#[from] crate::export::ExportError),
+    Init(#[from] crate::init_from::InitError),
     /// The async runtime could not start.
     #[error("cannot start the async runtime")]
     Runtime(#[from] std::io::Error),

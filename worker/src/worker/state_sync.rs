@@ -61,8 +61,12 @@ pub fn restore(
         *trainer = rebuild()?;
     }
     if let Some(init) = &config.model.init_from {
-        crate::export::init_from_open_clip(trainer, init)?;
-        tracing::info!("initialised from {init}");
+        let kept = crate::init_from::init_from(trainer, init)?;
+        if kept.is_empty() {
+            tracing::info!("initialised from {init}");
+        } else {
+            tracing::info!(kept_initialisation = kept.len(), "initialised from {init}; the layout lacks {}", kept.join(", "));
+        }
     }
     Ok(Origin::Fresh)
 }
