@@ -120,11 +120,12 @@ fn captions_held_out_images_and_files_with_their_accuracy() {
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert!(lines[0].starts_with("blip tiny from ") && lines[0].contains("BlipForConditionalGeneration"), "{}", out.text());
     assert!(lines[1].starts_with("image") && lines[1].contains("caption") && lines[1].contains("true caption"), "{}", out.text());
-    // Header, table header, 5 held-out rows, 2 files, summary.
-    assert_eq!(lines.len(), 1 + 1 + 7 + 1, "{}", out.text());
+    // Header, table header, 5 held-out rows, 2 files, summary, word F1 and chance levels.
+    assert_eq!(lines.len(), 1 + 1 + 7 + 2, "{}", out.text());
     assert!(lines[7].starts_with(&f.png.display().to_string()) && lines[8].starts_with(&f.jpeg.display().to_string()));
     let summary = lines[9];
     assert!(summary.starts_with("token accuracy ") && summary.contains("exact match") && summary.contains("greedy, max length 32"), "{summary}");
+    assert!(lines[10].starts_with("word F1 ") && lines[10].contains("chance"), "{}", lines[10]);
 
     let mut json_args = args.clone();
     json_args.push(OsStr::new("--json"));
@@ -263,8 +264,9 @@ fn a_trained_blip_checkpoint_captions_and_scores() {
     assert!(out.status.success(), "braid infer --job failed:\n{}", out.text());
     println!("{}", out.stdout);
     assert!(out.stdout.starts_with("blip tiny from step 2 of job blip-infer"), "{}", out.text());
-    assert_eq!(out.stdout.lines().count(), 1 + 1 + 4 + 1, "{}", out.text());
-    assert!(out.stdout.lines().last().unwrap().starts_with("token accuracy "), "{}", out.text());
+    assert_eq!(out.stdout.lines().count(), 1 + 1 + 4 + 2, "{}", out.text());
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines[6].starts_with("token accuracy ") && lines[7].starts_with("word F1 "), "{}", out.text());
 
     // The caption of a file and its ITM scores are those of the checkpoint's model.
     let config = braid_coordinator::config::JobConfig::load(&job).unwrap();

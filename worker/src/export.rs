@@ -461,7 +461,7 @@ fn job_model(job: &JobConfig) -> Result<(ClipConfig, std::sync::Arc<dyn TextToke
 }
 
 /// Writes `bytes` to a local path or URL, replacing what was there.
-fn write_object(location: &str, bytes: Vec<u8>) -> Result<ExportedFile> {
+pub(crate) fn write_object(location: &str, bytes: Vec<u8>) -> Result<ExportedFile> {
     let target = store::open(location)?;
     let size = bytes.len() as u64;
     store::block_on(target.put(Bytes::from(bytes)))??;

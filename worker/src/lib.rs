@@ -14,5 +14,6 @@ pub mod multi_tensor;
 pub mod objectives;
 pub mod optim;
 pub mod profiler;
+pub mod reference_export;
 pub mod trainer;
 pub mod worker;

@@ -14,6 +14,11 @@ pub enum Format {
     OpenClip,
     /// A transformers `CLIPModel` folder: `model.safetensors` and `config.json`.
     Hf,
+    /// ALBEF: one safetensors file in torchmultimodal's `ALBEFModelWithSimilarity` layout.
+    Torchmultimodal,
+    /// BLIP: a folder with transformers' `BlipForImageTextRetrieval` and
+    /// `BlipForConditionalGeneration` state dicts.
+    Transformers,
 }
 
 /// Options of `braid export`.
@@ -25,7 +30,7 @@ pub struct ExportArgs {
     /// Layout to write.
     #[arg(long, value_enum)]
     format: Format,
-    /// Output: the safetensors file (open_clip) or the model folder (hf).
+    /// Output: the safetensors file (open_clip, torchmultimodal) or the folder (hf, transformers).
     #[arg(long)]
     out: String,
     /// The job file that trained the checkpoint: model shape and tokenizer. Required for hf;
@@ -48,6 +53,16 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
                 anyhow::anyhow!("--format hf needs --job: the job file gives the heads, activation and tokenizer")
             })?;
             export_hf(&args.checkpoint, &job, &args.out)?
+        }
+        Format::Torchmultimodal | Format::Transformers => {
+            let name = if args.format == Format::Torchmultimodal { "torchmultimodal" } else { "transformers" };
+            let job = job.ok_or_else(|| anyhow::anyhow!("--format {name} needs --job: the job file gives the model's shape and tokenizer"))?;
+            let family = job.model.family.as_str();
+            let fits = matches!((args.format, family), (Format::Torchmultimodal, "albef") | (Format::Transformers, "blip"));
+            if !fits {
+                anyhow::bail!("--format {name} does not fit the job's family {family}: ALBEF exports as torchmultimodal, BLIP as transformers, CLIP as open_clip or hf");
+            }
+            braid::reference_export::export_reference(&args.checkpoint, &job, &args.out)?
         }
     };
     if args.json {
