@@ -38,7 +38,8 @@ replaced by the retrieval model's, as BLIP's pretraining ties them; momentum cop
      `transformers`' label-smoothed (0.1) CE, mean over predicted tokens.
   4. backward of ITC + ITM + LM, clipping, AdamW, temperature clamp.
 
-Prints one JSON line: the median seconds per step and the last step's loss terms.
+Prints one JSON line: the median seconds per step (wall clock, and CPU seconds of all threads,
+which other processes on a shared machine disturb less) and the last step's loss terms.
 """
 import argparse
 import copy
@@ -53,16 +54,27 @@ from torch import nn
 PAD, UNK, CLS, SEP, MASK, DEC, ENC = 0, 1, 2, 3, 4, 5, 6
 FIRST_WORD = 7
 
-# (image, patch, vision (width, layers, heads, mlp), text (width, heads, ff, text layers, fusion
-# layers), embed, queue, positions, context) as braid's `AlbefConfig::preset` / `BlipConfig::preset`.
+# (image, patch, vision (width, layers, heads, mlp), text (width, heads, ff, layers without and
+# with cross-attention), embed, queue, positions, context) as braid's `AlbefConfig::preset` and
+# `BlipConfig::preset` with the job's default queue (`tiny` 1,024); bench/cpu_momentum.sh checks
+# that braid's `momentum_shape` equals the one printed here.
 ALBEF = {
-    "tiny": (32, 8, (64, 2, 4, 256), (64, 4, 256, 1, 1), 32, 1024, 64, 32),
+    "tiny": (32, 8, (64, 2, 4, 256), (64, 4, 256, 2, 2), 64, 1024, 64, 32),
     "base": (256, 16, (768, 12, 12, 3072), (768, 12, 3072, 6, 6), 256, 65536, 512, 30),
 }
 BLIP = {
-    "tiny": (32, 8, (64, 2, 4, 256), (64, 4, 256, 2, 0), 64, 1024, 64, 32),
-    "base": (224, 16, (768, 12, 12, 3072), (768, 12, 3072, 12, 0), 256, 57600, 512, 30),
+    "tiny": (32, 8, (64, 2, 4, 256), (64, 4, 256, 0, 2), 64, 1024, 64, 32),
+    "base": (224, 16, (768, 12, 12, 3072), (768, 12, 3072, 0, 12), 256, 57600, 512, 30),
 }
+
+
+def shape_of(preset, context, vocab, queue):
+    """The shape in the keys of braid's `MomentumShape`."""
+    image, patch, (vw, vl, vh, _), (tw, th, tf, text_layers, cross_layers), embed, _, _, _ = preset
+    return {"image_size": image, "patch_size": patch, "vision_width": vw, "vision_layers": vl, "vision_heads": vh,
+            "text_width": tw, "text_heads": th, "intermediate_size": tf, "text_layers": text_layers,
+            "cross_layers": cross_layers, "embed_dim": embed, "context_length": context, "vocab_size": vocab,
+            "queue_size": queue}
 
 
 def bert_captions(batch, context, vocab):
@@ -187,13 +199,13 @@ def albef_step(args):
             model.temp.clamp_(0.001, 0.5)
         return {"itc": itc.item(), "itm": itm.item(), "mlm": mlm.item()}
 
-    return step, {"context_length": context, "vocab_size": V, "queue_size": queue}
+    return step, shape_of(ALBEF[args.preset], context, V, queue)
 
 
 def blip_step(args):
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-    image, patch, (vw, vl, vh, vm), (tw, th, tf, layers, _), embed, queue, positions, context = BLIP[args.preset]
+    image, patch, (vw, vl, vh, vm), (tw, th, tf, _, layers), embed, queue, positions, context = BLIP[args.preset]
     queue, context = args.queue or queue, args.context or context
     V, B = args.vocab, args.batch
     config = BlipConfig(
@@ -300,7 +312,7 @@ def blip_step(args):
             temp.clamp_(0.001, 0.5)
         return {"itc": itc.item(), "itm": itm.item(), "lm": lm.item()}
 
-    return step, {"context_length": context, "vocab_size": V, "queue_size": queue}
+    return step, shape_of(BLIP[args.preset], context, V, queue)
 
 
 def main() -> None:
@@ -331,11 +343,12 @@ def main() -> None:
     step, shape = (albef_step if args.model == "albef" else blip_step)(args)
     for i in range(args.warmup):
         step(i)
-    times, terms = [], {}
+    times, cpu_times, terms = [], [], {}
     for i in range(args.steps):
-        t0 = time.perf_counter()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         terms = step(args.warmup + i)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - cpu0)
     if args.trace:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             for i in range(3):
@@ -352,6 +365,7 @@ def main() -> None:
         "precision": "fp32",
         "step_seconds": median,
         "samples_per_second": args.batch / median,
+        "cpu_seconds": statistics.median(cpu_times),
         "loss_terms": [[k, v] for k, v in terms.items()],
         "momentum_shape": shape,
     }))

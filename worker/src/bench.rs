@@ -3,10 +3,12 @@
 //! after the update), timed after warm-up, with the median step time, samples/s, tokens/s and
 //! model FLOPs utilisation.
 //!
-//! CLIP trains on random token ids. ALBEF (and BLIP) train on BERT-style captions
+//! CLIP trains on random token ids. ALBEF and BLIP train on BERT-style captions
 //! ([`bert_captions`]) with their whole pretraining step: the momentum model's forward passes,
-//! distilled ITC against the feature queues, ITM on per-worker hard negatives, MLM with the
-//! momentum model's soft labels, and after the update the momentum update and the enqueue.
+//! distilled ITC against the feature queues, ITM on per-worker hard negatives, ALBEF's MLM with
+//! the momentum model's soft labels or BLIP's captioning LM, and after the update the momentum
+//! update and the enqueue. `bench/momentum_step.py` times the same step in the reference
+//! implementations (`bench/cpu_momentum.sh` compares them).
 
 use std::time::Instant;
 
@@ -17,7 +19,9 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::{RingCollective, RingListener};
 use crate::data::mlm::MaskingVocab;
 use crate::models::albef::AlbefConfig;
+use crate::models::bert::BertConfig;
 use crate::models::blip::{BlipConfig, BlipTokens};
+use crate::models::vit::VitConfig;
 use crate::trainer::{clip_config, DeviceBatch, ModelSpec, TrainError, Trainer};
 
 /// What to measure.
@@ -99,20 +103,70 @@ pub struct BenchReport {
     /// ALBEF/BLIP: the loss terms (`itc`, `itm`, `mlm`, ...) of the last timed step.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub loss_terms: Vec<(String, f64)>,
-    /// ALBEF/BLIP: caption length, vocabulary and queue length of the run.
+    /// ALBEF/BLIP: median CPU seconds (user and system, all threads) per step, which other
+    /// processes on a shared machine disturb less than `step_seconds`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// ALBEF/BLIP: the model's shape, caption length, vocabulary and queue length.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub momentum_shape: Option<MomentumShape>,
 }
 
-/// What an ALBEF/BLIP benchmark ran with besides the preset and batch.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// The shape an ALBEF/BLIP benchmark ran, as `bench/momentum_step.py` reports its own (the
+/// driver refuses to compare runs whose shapes differ).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct MomentumShape {
+    /// Input resolution (square).
+    pub image_size: i64,
+    /// Patch size of the image encoder.
+    pub patch_size: i64,
+    /// Image encoder width.
+    pub vision_width: i64,
+    /// Image encoder layers.
+    pub vision_layers: i64,
+    /// Image encoder heads.
+    pub vision_heads: i64,
+    /// Text model width.
+    pub text_width: i64,
+    /// Text model heads.
+    pub text_heads: i64,
+    /// Text model feed-forward width.
+    pub intermediate_size: i64,
+    /// Text layers without cross-attention (ALBEF's text encoder; 0 for BLIP's MED).
+    pub text_layers: i64,
+    /// Text layers with cross-attention to the image (ALBEF's fusion encoder, BLIP's MED).
+    pub cross_layers: i64,
+    /// Size of the contrastive features.
+    pub embed_dim: i64,
     /// Caption length in tokens.
     pub context_length: i64,
     /// Vocabulary size.
     pub vocab_size: i64,
     /// Length of each feature queue.
     pub queue_size: usize,
+}
+
+impl MomentumShape {
+    fn new(vision: &VitConfig, text: &BertConfig, embed_dim: i64, context_length: i64, queue_size: usize) -> Self {
+        let t = &vision.transformer;
+        let k = text.cross_attention_from_layer.unwrap_or(text.num_hidden_layers);
+        Self {
+            image_size: vision.image_size,
+            patch_size: vision.patch_size,
+            vision_width: t.width,
+            vision_layers: t.layers,
+            vision_heads: t.heads,
+            text_width: text.hidden_size,
+            text_heads: text.num_attention_heads,
+            intermediate_size: text.intermediate_size,
+            text_layers: k as i64,
+            cross_layers: text.num_hidden_layers as i64 - k as i64,
+            embed_dim,
+            context_length,
+            vocab_size: text.vocab_size,
+            queue_size,
+        }
+    }
 }
 
 fn is_clip(family: &str) -> bool {
@@ -208,14 +262,23 @@ fn caption_batch(batch: usize, image_size: i64, context: i64, vocab_size: i64, d
     }
 }
 
-/// The model, job and synthetic batch of a benchmark.
-fn setup(options: &BenchOptions) -> Result<(JobConfig, ModelSpec, Option<MomentumShape>), TrainError> {
+/// What a benchmark trains: the job, the model, the ALBEF/BLIP shape, and the forward FLOPs
+/// of one sample.
+struct Setup {
+    config: JobConfig,
+    spec: ModelSpec,
+    momentum_shape: Option<MomentumShape>,
+    flops_per_sample: f64,
+}
+
+/// The job and model of a benchmark.
+fn setup(options: &BenchOptions) -> Result<Setup, TrainError> {
     let invalid = |reason: String| TrainError::State { origin: "bench options".into(), reason };
     match options.family.as_str() {
         "clip" => {
             let config = bench_config(options, None)?;
             let clip = clip_config(&config, options.vocab_size)?;
-            Ok((config, ModelSpec::Clip(clip), None))
+            Ok(Setup { config, spec: ModelSpec::Clip(clip), momentum_shape: None, flops_per_sample: clip.forward_flops_per_sample() })
         }
         "albef" => {
             if options.vocab_size <= FIRST_WORD {
@@ -239,8 +302,14 @@ fn setup(options: &BenchOptions) -> Result<(JobConfig, ModelSpec, Option<Momentu
             albef.mlm_probability = m.mlm_probability;
             let special = BERT_SPECIAL_IDS.into_iter().filter(|&id| id != MASK_ID);
             let vocab = MaskingVocab::new(MASK_ID, options.vocab_size as usize, special).map_err(|e| invalid(e.to_string()))?;
-            let shape = MomentumShape { context_length, vocab_size: options.vocab_size, queue_size };
-            Ok((config, ModelSpec::Albef { config: albef, vocab, context_length }, Some(shape)))
+            let shape = MomentumShape::new(&albef.vision, &albef.text, albef.embed_dim, context_length, queue_size);
+            // `AlbefConfig::forward_flops_per_sample` counts `max_position_embeddings` tokens per
+            // caption: count the captions' length instead.
+            let mut counted = albef;
+            counted.text.max_position_embeddings = context_length;
+            let flops_per_sample = counted.forward_flops_per_sample();
+            let spec = ModelSpec::Albef { config: albef, vocab, context_length };
+            Ok(Setup { config, spec, momentum_shape: Some(shape), flops_per_sample })
         }
         "blip" => {
             if options.vocab_size <= FIRST_WORD {
@@ -256,8 +325,9 @@ fn setup(options: &BenchOptions) -> Result<(JobConfig, ModelSpec, Option<Momentu
             blip.alpha = m.alpha;
             blip.validate().map_err(|problems| invalid(format!("blip {}: {problems}", options.preset)))?;
             let context_length = blip.context_length;
-            let shape = MomentumShape { context_length, vocab_size: options.vocab_size, queue_size };
-            Ok((config, ModelSpec::Blip { config: blip, context_length }, Some(shape)))
+            let shape = MomentumShape::new(&blip.vision, &blip.text, blip.embed_dim, context_length, queue_size);
+            let flops_per_sample = blip.forward_flops_per_sample();
+            Ok(Setup { config, spec: ModelSpec::Blip { config: blip, context_length }, momentum_shape: Some(shape), flops_per_sample })
         }
         other => Err(invalid(format!("--family {other:?}: braid bench knows clip, albef and blip"))),
     }
@@ -291,8 +361,8 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     if options.threads > 0 {
         tch::set_num_threads(options.threads as i32);
     }
-    let (config, spec, momentum_shape) = setup(options)?;
-    let (image_size, context, flops_per_sample) = (spec.image_size(), spec.context_length(), spec.forward_flops_per_sample());
+    let Setup { config, spec, momentum_shape, flops_per_sample } = setup(options)?;
+    let (image_size, context) = (spec.image_size(), spec.context_length());
     let mut trainer = Trainer::new(&config, spec, options.device)?;
     let (listener, _) = RingListener::bind("127.0.0.1:0")?;
     let mut coll = RingCollective::connect(listener, 0, 1, &["127.0.0.1:0".to_string()], 0, std::time::Duration::from_secs(60))?;
@@ -317,7 +387,9 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     let mut update_times = Vec::with_capacity(options.steps);
     let mut losses = Vec::with_capacity(options.steps);
     let mut loss_terms = Vec::new();
+    let mut cpu_times = Vec::with_capacity(options.steps);
     for step in 0..options.steps {
+        let cpu0 = process_cpu_seconds();
         let t0 = Instant::now();
         let mut t1 = t0;
         let stats = trainer.train_step_with((options.warmup + step) as u64, &batch, &mut coll, || {
@@ -326,6 +398,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         })?;
         sync();
         times.push(t0.elapsed().as_secs_f64());
+        cpu_times.push(process_cpu_seconds() - cpu0);
         update_times.push(t1.elapsed().as_secs_f64());
         losses.push(stats.loss);
         loss_terms = stats.parts.iter().map(|(name, v)| (name.to_string(), *v)).collect();
@@ -340,6 +413,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     }
     update_times.sort_by(|a, b| a.total_cmp(b));
     times.sort_by(|a, b| a.total_cmp(b));
+    cpu_times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
     let flops_per_step = 3.0 * flops_per_sample * options.batch as f64;
     let tflops = flops_per_step / median / 1e12;
@@ -362,8 +436,23 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         update_seconds: update_times[update_times.len() / 2],
         activation_checkpointing: options.activation_checkpointing,
         loss_terms,
+        cpu_seconds: momentum_shape.map(|_| cpu_times[cpu_times.len() / 2]),
         momentum_shape,
     })
+}
+
+/// User and system CPU seconds this process has used so far, all threads together.
+fn process_cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a writable rusage; getrusage(RUSAGE_SELF) only fills it in.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
+            return 0.0;
+        }
+        usage.assume_init()
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 impl std::fmt::Display for BenchReport {
@@ -386,6 +475,9 @@ impl std::fmt::Display for BenchReport {
         )?;
         if let Some(mfu) = self.mfu {
             write!(f, ", MFU {:.1}%", 100.0 * mfu)?;
+        }
+        if let Some(cpu) = self.cpu_seconds {
+            write!(f, "; {:.2} CPU s/step", cpu)?;
         }
         if let Some(shape) = &self.momentum_shape {
             write!(f, "; context {}, vocabulary {}, queue {}", shape.context_length, shape.vocab_size, shape.queue_size)?;

@@ -72,6 +72,9 @@ pub struct BenchArgs {
 /// Runs `braid bench`.
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.checkpoint_to {
+        if args.family != "clip" {
+            anyhow::bail!("--checkpoint-to benchmarks a CLIP preset's state; --family {} is not supported there", args.family);
+        }
         let device = parse_device(&args.device).ok_or_else(|| anyhow::anyhow!("--device {:?}: use cpu, cuda or cuda:N", args.device))?;
         let report = bench::run_checkpoint_bench(&args.preset, url, args.rounds, device, args.batch).map_err(|e| anyhow::anyhow!("{e}"))?;
         if args.json {
