@@ -163,3 +163,50 @@ fn a_restored_state_continues_exactly() {
     let err = restored.load_state(wrong, "a state without its image queue").unwrap_err().to_string();
     assert!(err.contains("queue.image.features") && err.contains("a state without its image queue"), "{err}");
 }
+
+#[test]
+fn gradients_match_finite_differences() {
+    // The step's gradient (leaves, gathered states, summed leaf gradients, backward through the
+    // encoders) against central differences of the same loss, fp64, one rank, for parameters on
+    // every path: the image encoder, the text encoder, the fusion layers, the heads, the temperature.
+    let config = job("global");
+    let (listener, endpoint) = RingListener::bind("127.0.0.1:0").unwrap();
+    let mut coll = RingCollective::connect(listener, 0, 1, &[endpoint], 1, Duration::from_secs(60)).unwrap();
+    let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+    let batch = global_batch(3);
+    let params: HashMap<String, Tensor> = trainer.var_store().variables().into_iter().collect();
+    // Step 12 is past the alpha ramp (distillation on). The distillation targets use the
+    // temperature without autograd, as ALBEF computes them, so the temperature's gradient is the
+    // derivative of the loss only where there are no soft targets: at step 0 (alpha 0).
+    let cases = [
+        ("visual.conv1.weight", [3i64, 1, 2, 5]),
+        ("text.embeddings.word_embeddings.weight", [9, 4, 0, 0]),
+        ("text.encoder.layer.0.attention.self.value.weight", [2, 7, 0, 0]),
+        ("text.encoder.layer.3.crossattention.self.key.weight", [5, 1, 0, 0]),
+        ("itm_head.weight", [1, 11, 0, 0]),
+        ("mlm_head.transform.dense.weight", [6, 3, 0, 0]),
+        ("vision_proj.weight", [4, 9, 0, 0]),
+    ]
+    .map(|(name, index)| (12, name, index));
+    for (step, name, index) in cases.into_iter().chain([(0, "temp", [0, 0, 0, 0])]) {
+        trainer.compute_gradients(step, &batch, &mut coll).unwrap();
+        let grads: HashMap<String, Tensor> = trainer.named_grads().into_iter().map(|(n, g)| (n, g.copy())).collect();
+        let p = &params[name];
+        let at: Vec<i64> = index[..p.dim()].to_vec();
+        let original = p.double_value(&at);
+        let h = 1e-6;
+        let mut loss_at = |value: f64| {
+            tch::no_grad(|| {
+                let mut target = at.iter().fold(p.shallow_clone(), |t, &i| t.get(i));
+                let _ = target.fill_(value);
+            });
+            trainer.compute_gradients(step, &batch, &mut coll).unwrap().0
+        };
+        let numeric = (loss_at(original + h) - loss_at(original - h)) / (2.0 * h);
+        loss_at(original);
+        let analytic = grads[name].double_value(&at);
+        let scale = numeric.abs().max(analytic.abs()).max(1e-8);
+        println!("{name}{at:?}: analytic {analytic:.9e}, numeric {numeric:.9e}");
+        assert!((analytic - numeric).abs() <= 1e-5 * scale + 1e-9, "{name}{at:?}: analytic {analytic:e} vs numeric {numeric:e}");
+    }
+}
