@@ -216,6 +216,7 @@ fn synthetic_batch(batch: usize, image_size: i64, context: i64, vocab_size: i64,
         tokens: Tensor::randint_low(1, vocab_size - 1, [b, context], (Kind::Int64, device)),
         eot_index: Tensor::full([b], context - 1, (Kind::Int64, device)),
         valid: Tensor::ones([b], (Kind::Bool, device)),
+        word_ids: None,
         positions: Tensor::arange(b, (Kind::Int64, Device::Cpu)),
     })
 }
@@ -258,6 +259,7 @@ fn caption_batch(batch: usize, image_size: i64, context: i64, vocab_size: i64, d
         tokens: Tensor::from_slice(&tokens).view([b, context]).to_device(device),
         eot_index: Tensor::from_slice(&eot).to_device(device),
         valid: Tensor::ones([b], (Kind::Bool, device)),
+        word_ids: None,
         positions: Tensor::arange(b, (Kind::Int64, Device::Cpu)),
     }
 }

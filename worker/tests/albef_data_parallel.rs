@@ -59,6 +59,7 @@ fn global_batch(step: u64) -> DeviceBatch {
             tokens,
             eot_index: eot,
             valid: Tensor::ones([BATCH], (Kind::Bool, Device::Cpu)),
+            word_ids: None,
             positions: Tensor::arange_start(step as i64 * BATCH, (step as i64 + 1) * BATCH, (Kind::Int64, Device::Cpu)),
         }
     })
@@ -209,4 +210,36 @@ fn gradients_match_finite_differences() {
         println!("{name}{at:?}: analytic {analytic:.9e}, numeric {numeric:.9e}");
         assert!((analytic - numeric).abs() <= 1e-5 * scale + 1e-9, "{name}{at:?}: analytic {analytic:e} vs numeric {numeric:e}");
     }
+}
+
+#[test]
+fn whole_word_masking_predicts_every_piece_of_a_chosen_word() {
+    // Captions `[CLS] w0 w0 w1 w1 w2 w2 [SEP]`: each word is two pieces. With whole-word masking
+    // the pieces of a word are predicted together, or neither is.
+    let text = format!(
+        "[job]\nname = \"wwm\"\nseed = 5\n[data]\ntrain = \"unused\"\n[model]\nfamily = \"albef\"\nqueue_size = 64\nwhole_word_masking = true\nmlm_probability = 0.5\n\
+         [train]\nglobal_batch = {BATCH}\nprecision = \"fp64\"\n"
+    );
+    let config = JobConfig::parse(&text, "wwm").unwrap();
+    let trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
+    let mut batch = global_batch(0);
+    let words: Vec<i64> = (0..BATCH).flat_map(|_| [-1, 0, 0, 1, 1, 2, 2, -1, -1, -1]).collect();
+    batch.word_ids = Some(Tensor::from_slice(&words).view([BATCH, CONTEXT]));
+    batch.eot_index = Tensor::full([BATCH], 7, (Kind::Int64, Device::Cpu));
+    let labels = trainer.albef().unwrap().mlm_labels(&batch).unwrap();
+    let labels: Vec<i64> = Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap();
+    let mut chosen_words = 0;
+    for row in labels.chunks(CONTEXT as usize) {
+        for word in [1, 3, 5] {
+            let (a, b) = (row[word] != -100, row[word + 1] != -100);
+            assert_eq!(a, b, "the two pieces of a word are predicted together: {row:?}");
+            chosen_words += usize::from(a);
+        }
+        assert!(row[0] == -100 && row[7] == -100, "special tokens are never predicted: {row:?}");
+    }
+    assert!(chosen_words > 0 && chosen_words < 3 * BATCH as usize, "{chosen_words} of {} words chosen", 3 * BATCH);
+
+    batch.word_ids = None;
+    let err = trainer.albef().unwrap().mlm_labels(&batch).unwrap_err().to_string();
+    assert!(err.contains("whole_word_masking") && err.contains("word boundaries"), "{err}");
 }

@@ -77,6 +77,7 @@ fn global_batch(step: u64) -> DeviceBatch {
             tokens,
             eot_index: eot,
             valid,
+            word_ids: None,
             positions: Tensor::arange_start(step as i64 * BATCH, (step as i64 + 1) * BATCH, (Kind::Int64, Device::Cpu)),
         }
     })

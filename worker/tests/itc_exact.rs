@@ -28,6 +28,7 @@ fn global_batch() -> DeviceBatch {
         tokens: Tensor::randint_low(1, VOCAB, [BATCH, 8], (Kind::Int64, Device::Cpu)),
         eot_index: Tensor::randint_low(2, 8, [BATCH], (Kind::Int64, Device::Cpu)),
         valid: Tensor::ones([BATCH], (Kind::Bool, Device::Cpu)),
+        word_ids: None,
         positions: Tensor::arange(BATCH, (Kind::Int64, Device::Cpu)),
     })
 }

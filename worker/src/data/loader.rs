@@ -102,6 +102,9 @@ pub struct Batch {
     pub tokens: Vec<i64>,
     /// Index of the end-of-text token of each caption.
     pub eot_index: Vec<i64>,
+    /// The word of each caption token `[B, context_length]` (-1 for special tokens, padding,
+    /// and every token when the tokenizer knows no word boundaries).
+    pub word_ids: Vec<i64>,
     /// Class index from the `.cls` member, -1 where there is none.
     pub classes: Vec<i64>,
     /// Caption texts.
@@ -167,6 +170,7 @@ struct Prepared {
     image: Vec<f32>,
     tokens: Vec<i64>,
     eot_index: i64,
+    word_ids: Vec<i64>,
     class: i64,
     caption: String,
 }
@@ -347,11 +351,13 @@ impl Producer {
                 text.trim().parse::<i64>().map_err(|_| format!("class member {:?} is not an integer", text.trim()))?
             }
         };
-        let encoded = self.opts.tokenizer.encode(&caption, self.opts.context_length);
+        let (encoded, word_ids) = self.opts.tokenizer.encode_with_words(&caption, self.opts.context_length);
         let mut tokens = encoded.ids;
         tokens.resize(self.opts.context_length, 0);
+        let mut word_ids = word_ids.unwrap_or_default();
+        word_ids.resize(self.opts.context_length, -1);
         let eot_index = encoded.eot_index.min(self.opts.context_length - 1) as i64;
-        Ok(Prepared { image: pixels, tokens, eot_index, class, caption })
+        Ok(Prepared { image: pixels, tokens, eot_index, word_ids, class, caption })
     }
 
     /// Copies prepared samples into a batch, reporting and counting the corrupt ones.
@@ -371,6 +377,7 @@ impl Producer {
             images: vec![0.0; n * pixels],
             tokens: vec![0; n * context],
             eot_index: vec![0; n],
+            word_ids: vec![-1; n * context],
             classes: vec![-1; n],
             captions: vec![String::new(); n],
             valid: vec![false; n],
@@ -382,6 +389,7 @@ impl Producer {
                 Ok(p) => {
                     batch.images[i * pixels..(i + 1) * pixels].copy_from_slice(&p.image);
                     batch.tokens[i * context..(i + 1) * context].copy_from_slice(&p.tokens);
+                    batch.word_ids[i * context..(i + 1) * context].copy_from_slice(&p.word_ids);
                     (batch.eot_index[i], batch.classes[i], batch.captions[i]) = (p.eot_index, p.class, p.caption);
                     batch.valid[i] = true;
                 }
@@ -567,6 +575,11 @@ mod tests {
             assert_eq!((row[0], row[eot]), (1, 2), "[SOT] ... [EOT] in {row:?}");
             assert!(row[..eot].iter().all(|&t| t != 0 && t != 3), "no padding or unknown words: {row:?}");
             assert!(row[eot + 1..].iter().all(|&t| t == 0), "padded with [PAD]: {row:?}");
+            // The synthetic vocabulary has one token per word: words 0, 1, ... between the
+            // special tokens, -1 on them and on the padding.
+            let words = &batch.word_ids[i * 12..(i + 1) * 12];
+            let expected: Vec<i64> = (0..12).map(|j| if j == 0 || j >= eot { -1 } else { j as i64 - 1 }).collect();
+            assert_eq!(words, expected.as_slice(), "word ids of {row:?}");
         }
         let lo = (0.0 - augment::CLIP_MEAN[2]) / augment::CLIP_STD[2] - 1e-4;
         let hi = (1.0 - augment::CLIP_MEAN[0]) / augment::CLIP_STD[0] + 1e-4;

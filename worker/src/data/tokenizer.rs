@@ -38,6 +38,12 @@ pub trait TextTokenizer: Send + Sync {
     fn as_hf(&self) -> Option<&HfTokenizer> {
         None
     }
+    /// [`TextTokenizer::encode`] with the word of each of the `context_length` positions (-1
+    /// for special tokens and padding), when the tokenizer knows word boundaries (whole-word
+    /// masking needs them).
+    fn encode_with_words(&self, text: &str, context_length: usize) -> (Encoded, Option<Vec<i64>>) {
+        (self.encode(text, context_length), None)
+    }
 }
 
 /// Why a tokenizer could not be loaded.
@@ -841,6 +847,11 @@ impl TextTokenizer for HfTokenizer {
 
     fn as_hf(&self) -> Option<&HfTokenizer> {
         Some(self)
+    }
+
+    fn encode_with_words(&self, text: &str, context_length: usize) -> (Encoded, Option<Vec<i64>>) {
+        let words = self.encode_words(text, context_length);
+        (Encoded { ids: words.ids, eot_index: words.eot_index }, Some(words.word_ids))
     }
 
     fn name(&self) -> String {

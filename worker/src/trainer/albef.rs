@@ -84,13 +84,6 @@ impl AlbefFamily {
             whole_word: config.model.whole_word_masking,
             ..MaskingConfig::default()
         };
-        if masking.whole_word {
-            return Err(TrainError::Tokenizer(
-                "model.whole_word_masking needs each token's word, which the data loader does not pass to ALBEF yet; \
-                 leave it false (braid's synthetic vocabulary has one token per word, where both agree)"
-                    .into(),
-            ));
-        }
         let masker = Masker::new(masking, vocab, seed).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
         Ok(Self {
             model,
@@ -126,6 +119,12 @@ impl AlbefFamily {
 
     /// MLM inputs of a batch: masked ids and labels `[B, L]` on the batch's device (padding
     /// rows predict nothing).
+    /// The MLM labels of `batch` (the original id where a token is predicted, -100 elsewhere),
+    /// as a step masks it.
+    pub fn mlm_labels(&self, batch: &DeviceBatch) -> Result<Tensor, TrainError> {
+        Ok(self.mask(batch, &batch.attention_mask())?.1)
+    }
+
     fn mask(&self, batch: &DeviceBatch, attention_mask: &Tensor) -> Result<(Tensor, Tensor), TrainError> {
         let (b, l) = batch.tokens.size2()?;
         let cpu = |t: &Tensor| Vec::<i64>::try_from(t.to_device(Device::Cpu).flatten(0, -1));
@@ -133,10 +132,17 @@ impl AlbefFamily {
         let mask = cpu(attention_mask)?;
         let positions = Vec::<i64>::try_from(&batch.positions)?;
         let positions: Vec<u64> = positions.iter().map(|&p| p.max(0) as u64).collect();
-        let masked = self
-            .masker
-            .mask_batch(MaskingInputs { token_ids: &token_ids, attention_mask: &mask, word_ids: None, positions: &positions })
-            .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+        let word_ids = match (&batch.word_ids, self.masker.config().whole_word) {
+            (Some(words), true) => Some(cpu(words)?),
+            (None, true) => {
+                return Err(TrainError::Tokenizer(
+                    "model.whole_word_masking needs each token's word; this batch has no word boundaries".into(),
+                ))
+            }
+            (_, false) => None,
+        };
+        let inputs = MaskingInputs { token_ids: &token_ids, attention_mask: &mask, word_ids: word_ids.as_deref(), positions: &positions };
+        let masked = self.masker.mask_batch(inputs).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
         let device = batch.tokens.device();
         let ids = Tensor::from_slice(&masked.input_ids).view([b, l]).to_device(device);
         let labels = Tensor::from_slice(&masked.labels).view([b, l]).to_device(device);

@@ -15,6 +15,9 @@ pub struct DeviceBatch {
     pub eot_index: Tensor,
     /// [B] bool
     pub valid: Tensor,
+    /// [B, context] int64, CPU: the word of each token (-1 for special tokens and padding), for
+    /// whole-word masking; `None` when the batch has no word boundaries.
+    pub word_ids: Option<Tensor>,
     /// [B] int64, CPU: each sample's global position in the sample order (-1 for padding).
     /// Per-sample randomness (MLM masking, hard-negative draws) hashes it, so a sample gets the
     /// same draws whichever rank holds it.
@@ -34,22 +37,25 @@ impl DeviceBatch {
         let valid = Tensor::from_slice(&batch.valid);
         let positions: Vec<i64> = batch.positions.iter().map(|&p| p as i64).collect();
         let positions = Tensor::from_slice(&positions);
-        let (images, tokens, eot, valid, positions) = if pad > 0 {
+        let word_ids = Tensor::from_slice(&batch.word_ids).view([b as i64, context]);
+        let (images, tokens, eot, valid, positions, word_ids) = if pad > 0 {
             (
                 Tensor::cat(&[images, Tensor::zeros([pad, 3, image_size, image_size], (Kind::Float, Device::Cpu))], 0),
                 Tensor::cat(&[tokens, Tensor::zeros([pad, context], (Kind::Int64, Device::Cpu))], 0),
                 Tensor::cat(&[eot, Tensor::zeros([pad], (Kind::Int64, Device::Cpu))], 0),
                 Tensor::cat(&[valid, Tensor::zeros([pad], (Kind::Bool, Device::Cpu))], 0),
                 Tensor::cat(&[positions, Tensor::full([pad], -1, (Kind::Int64, Device::Cpu))], 0),
+                Tensor::cat(&[word_ids, Tensor::full([pad, context], -1, (Kind::Int64, Device::Cpu))], 0),
             )
         } else {
-            (images, tokens, eot, valid, positions)
+            (images, tokens, eot, valid, positions, word_ids)
         };
         Self {
             images: images.to_kind(kind).to_device(device),
             tokens: tokens.to_device(device),
             eot_index: eot.to_device(device),
             valid: valid.to_device(device),
+            word_ids: Some(word_ids),
             positions,
         }
     }
@@ -71,6 +77,7 @@ impl DeviceBatch {
             tokens: self.tokens.narrow(0, start, len),
             eot_index: self.eot_index.narrow(0, start, len),
             valid: self.valid.narrow(0, start, len),
+            word_ids: self.word_ids.as_ref().map(|w| w.narrow(0, start, len)),
             positions: self.positions.narrow(0, start, len),
         }
     }
