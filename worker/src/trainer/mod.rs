@@ -166,7 +166,13 @@ impl ModelSpec {
     pub fn forward_flops_per_sample(&self) -> f64 {
         match self {
             Self::Clip(c) => c.forward_flops_per_sample(),
-            Self::Albef { config, .. } => config.forward_flops_per_sample(),
+            Self::Albef { config, context_length, .. } => {
+                // The preset's count is for captions as long as the position table; a job's
+                // captions are `context_length` tokens.
+                let mut counted = *config;
+                counted.text.max_position_embeddings = *context_length;
+                counted.forward_flops_per_sample()
+            }
             Self::Blip { config, .. } => config.forward_flops_per_sample(),
         }
     }
