@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::tokenizer::TextTokenizer;
+use crate::trainer::attention_mask;
 use crate::models::albef::Albef;
 use crate::models::blip::{generate_captions, Blip, CaptionOptions};
 use crate::models::clip::Clip;
@@ -108,13 +109,6 @@ impl EvalModel for Blip {
     fn device(&self) -> Device {
         self.heads.temp.device()
     }
-}
-
-/// A BERT-style attention mask `[B, L]`: 1 up to and including `eot_index`, 0 after.
-fn attention_mask(tokens: &Tensor, eot_index: &Tensor) -> Tensor {
-    let context = tokens.size()[1];
-    let index = Tensor::arange(context, (Kind::Int64, tokens.device())).unsqueeze(0);
-    index.le_tensor(&eot_index.unsqueeze(1)).to_kind(Kind::Int64)
 }
 
 /// Recall at 1, 5 and 10 of one retrieval direction, with the chance level of recall@1.

@@ -85,8 +85,14 @@ impl DeviceBatch {
     /// `[B, context]` int64 on the batch's device: 1 up to and including each caption's last
     /// token (`eot_index`), 0 for the padding after it (a BERT-style encoder's attention mask).
     pub fn attention_mask(&self) -> Tensor {
-        let context = self.tokens.size()[1];
-        let index = Tensor::arange(context, (Kind::Int64, self.tokens.device())).unsqueeze(0);
-        index.le_tensor(&self.eot_index.unsqueeze(1)).to_kind(Kind::Int64)
+        attention_mask(&self.tokens, &self.eot_index)
     }
+}
+
+/// The attention mask `[B, L]` of captions `tokens` `[B, L]` whose last token is at
+/// `eot_index` `[B]`: 1 up to and including it, 0 for the padding after it.
+pub fn attention_mask(tokens: &Tensor, eot_index: &Tensor) -> Tensor {
+    let context = tokens.size()[1];
+    let index = Tensor::arange(context, (Kind::Int64, tokens.device())).unsqueeze(0);
+    index.le_tensor(&eot_index.unsqueeze(1)).to_kind(Kind::Int64)
 }
