@@ -17,7 +17,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   echo "setup: installing torch==$TORCH_VERSION into .venv (a few minutes, once)" >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION"
 fi
 torch_dir=$(.venv/bin/python -c "import os, torch; print(os.path.dirname(torch.__file__))")
 ln -sfn "$torch_dir" .venv/torch
@@ -32,10 +32,10 @@ if [[ "${1:-}" == "--test" ]]; then
   fi
   if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy, transformers, moto.server, boto3, iopath" 2>/dev/null; then
     echo "setup: installing test reference packages into .venv" >&2
-    .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" "${TEST_PACKAGES[@]}"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION" "${TEST_PACKAGES[@]}"
   fi
   if ! .venv/bin/python -c "import torchmultimodal.models.albef.model" 2>/dev/null; then
     echo "setup: installing $TORCHMULTIMODAL into .venv" >&2
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "$TORCHMULTIMODAL"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps "$TORCHMULTIMODAL"
   fi
 fi
