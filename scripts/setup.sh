@@ -23,13 +23,17 @@ torch_dir=$(.venv/bin/python -c "import os, torch; print(os.path.dirname(torch._
 ln -sfn "$torch_dir" .venv/torch
 
 if [[ "${1:-}" == "--test" ]]; then
-  # The partition test cuts a worker off inside a network namespace (ip netns, veth).
-  if ! command -v ip >/dev/null; then
-    echo "setup: installing iproute2 (ip) for the partition test" >&2
-    sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
-    { $sudo apt-get install -y -qq iproute2 || { $sudo apt-get update -qq && $sudo apt-get install -y -qq iproute2; }; } >/dev/null 2>&1 \
-      || echo "setup: could not install iproute2; the partition test will be skipped" >&2
-  fi
+  # Debian packages the tests drive: `ip` (the partition test cuts a worker off inside a network
+  # namespace) and the Prometheus server (it scrapes a running job's /metrics).
+  apt_install() { # PACKAGE COMMAND WHY
+    command -v "$2" >/dev/null && return
+    echo "setup: installing $1 ($2) for $3" >&2
+    local sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    { $sudo apt-get install -y -qq "$1" || { $sudo apt-get update -qq && $sudo apt-get install -y -qq "$1"; }; } >/dev/null 2>&1 \
+      || echo "setup: could not install $1; $3 will fail or be skipped" >&2
+  }
+  apt_install iproute2 ip "the partition test"
+  apt_install prometheus prometheus "the Prometheus scrape test"
   if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy, transformers, moto.server, boto3, iopath" 2>/dev/null; then
     echo "setup: installing test reference packages into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION" "${TEST_PACKAGES[@]}"

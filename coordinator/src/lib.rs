@@ -12,6 +12,7 @@ pub mod error;
 pub mod failpoint;
 pub mod journal;
 pub mod manifest;
+pub mod metrics;
 pub mod plan;
 pub mod server;
 pub mod service;

@@ -14,6 +14,7 @@ use crate::commit;
 use crate::config::JobConfig;
 use crate::error::{Error, Result};
 use crate::journal::{unix_ms, Holder, Journal, JournalError};
+use crate::metrics;
 use crate::manifest::DatasetManifest;
 use crate::service::CoordinatorService;
 use crate::state::{Coordinator, CoordinatorSnapshot, Progress};
@@ -319,13 +320,20 @@ async fn report_health(health: &tonic_health::server::HealthReporter, ready: boo
 pub const COORDINATOR_SERVICE: &str = "braid.v1.Coordinator";
 
 /// The gRPC services `grpc` (the coordinator's and health checking) and, on the same port over
-/// HTTP/1.1 or HTTP/2, `GET /status`: the job's
+/// HTTP/1.1 or HTTP/2, `GET /metrics` (Prometheus, see [`metrics`]) and `GET /status`: the job's
 /// [`Progress`] as JSON (generation, members with their ranks, steps and straggler flags,
 /// rejoins, generation history, checkpoints, why the job waits).
 fn http_routes(service: CoordinatorService, grpc: tonic::service::Routes) -> tonic::service::Routes {
+    let status = service.clone();
     let router = grpc
         .into_axum_router()
-        .route("/status", axum::routing::get(move || async move { axum::Json(service.progress()) }));
+        .route("/status", axum::routing::get(move || async move { axum::Json(status.progress()) }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                ([(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)], metrics::render(&service.progress()))
+            }),
+        );
     tonic::service::Routes::from(router)
 }
 

@@ -163,6 +163,7 @@ impl Sim {
                 sha256: "00".repeat(32),
                 size: 100 + u64::from(rank),
             }],
+            write_seconds: 0.5 + f64::from(rank),
         };
         self.c.checkpoint_vote(self.at(t), &vote).map(|r| r.committed)
     }
@@ -1295,4 +1296,70 @@ fn digests_outside_check_steps_are_refused_and_reports_without_one_are_not_check
     assert_eq!(s.verdict(9.0, 1, 9).0, StateCheck::NoVerdict("ranks [1] sent no digest".into()));
     let logs = s.logs();
     assert_eq!(logs.iter().filter(|l| l.contains("state check of step 9")).count(), 1, "{logs:?}");
+}
+
+#[test]
+fn step_reports_and_commits_feed_the_telemetry_series_and_metrics() {
+    let mut sim = Sim::new(with_checkpoints(2, 2));
+    let ids = sim.formed(0.0, 2);
+    for id in &ids {
+        sim.plan(6.0, id, 1);
+    }
+    for step in 0..4u64 {
+        for (rank, id) in ids.iter().enumerate() {
+            let req = StepReport {
+                header: header(id),
+                generation: 1,
+                step,
+                loss: 3.0 - step as f64 * 0.5,
+                loss_terms: [("itc".to_string(), 2.0 - step as f64 * 0.5), ("itm".to_string(), 1.0)].into(),
+                learning_rate: 1e-4 * (step + 1) as f64,
+                grad_norm: 0.25,
+                samples: 8,
+                step_seconds: 0.5,
+                data_wait_seconds: 0.01 * (rank + 1) as f64,
+                ..Default::default()
+            };
+            sim.c.report_step(sim.at(7.0 + step as f64), &req).unwrap();
+        }
+    }
+    sim.c.take_actions();
+    assert!(!sim.vote(12.0, &ids[0], 0, 3, "a", true).unwrap());
+    assert!(!sim.vote(12.5, &ids[1], 1, 3, "a", true).unwrap());
+    let plan = sim.commits().remove(0);
+    sim.c.commit_succeeded(sim.at(13.0), &plan, "/ckpt/step-000003/manifest.json".into());
+
+    let p = sim.c.progress();
+    let steps: Vec<(u64, f64)> = p.recent_steps.iter().map(|s| (s.step, s.loss)).collect();
+    assert_eq!(steps, vec![(0, 3.0), (1, 2.5), (2, 2.0), (3, 1.5)], "one point per step, from rank 0");
+    assert_eq!(p.recent_steps[3].elapsed_seconds, 10.0);
+    assert_eq!(p.loss_terms["itc"], 0.5);
+    assert_eq!(p.grad_norm, Some(0.25));
+    assert_eq!(p.data_wait_seconds, Some(0.01));
+    let cost = p.last_checkpoint.unwrap();
+    // 100 + 101 bytes; rank 1 wrote for 1.5 s and the commit came 0.5 s after its vote.
+    assert_eq!((cost.step, cost.bytes, cost.seconds), (3, 201, 2.0));
+    assert_eq!((p.checkpoints_committed, p.generations), (1, 1));
+
+    let text = braid_coordinator::metrics::render(&p);
+    for line in [
+        "braid_step{job_name=\"test-job\"} 4",
+        "braid_total_steps{job_name=\"test-job\"} 10",
+        "braid_samples_per_second{job_name=\"test-job\"} 16",
+        "braid_loss{job_name=\"test-job\"} 1.5",
+        "braid_loss_term{job_name=\"test-job\",objective=\"itc\"} 0.5",
+        "braid_loss_term{job_name=\"test-job\",objective=\"itm\"} 1",
+        "braid_learning_rate{job_name=\"test-job\"} 0.0004",
+        "braid_world_size{job_name=\"test-job\"} 2",
+        "braid_generation{job_name=\"test-job\"} 1",
+        "braid_checkpoints_total{job_name=\"test-job\"} 1",
+        "braid_checkpoint_bytes{job_name=\"test-job\"} 201",
+        "braid_checkpoint_seconds{job_name=\"test-job\"} 2",
+        &format!("braid_rank_data_wait_seconds{{job_name=\"test-job\",rank=\"1\",worker=\"{}\"}} 0.02", ids[1]),
+        &format!("braid_rank_straggler{{job_name=\"test-job\",rank=\"0\",worker=\"{}\"}} 0", ids[0]),
+        "braid_job_finished{job_name=\"test-job\"} 0",
+        "# TYPE braid_rejoins_total counter",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
 }

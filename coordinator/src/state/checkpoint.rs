@@ -2,13 +2,13 @@
 //! shell's commit outcome (phase two) and the job's end once the final checkpoint is committed.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use braid_proto::{CheckpointRequest, CheckpointRequestReply, CheckpointVote, CheckpointVoteReply};
 
 use super::{
-    path_safe, Action, CommitPlan, CommittedCheckpoint, Coordinator, LogLevel, PlannedPart, RequestedCheckpoint, Round,
-    RoundState,
+    path_safe, Action, CheckpointCost, CommitPlan, CommittedCheckpoint, Coordinator, LogLevel, PlannedPart,
+    RequestedCheckpoint, Round, RoundState,
 };
 use crate::error::{Error, Result};
 
@@ -142,6 +142,8 @@ impl Coordinator {
             generation,
             votes: BTreeMap::new(),
             state: RoundState::Collecting,
+            write_seconds: 0.0,
+            last_vote: None,
         });
         if round.generation != generation {
             return Err(Error::InvalidRequest(format!(
@@ -163,6 +165,8 @@ impl Coordinator {
             self.aborted(req.step, &req.attempt, &reason);
             return Ok(CheckpointVoteReply::default());
         }
+        round.write_seconds = round.write_seconds.max(req.write_seconds.max(0.0));
+        round.last_vote = Some(now);
         round.votes.insert(
             rank,
             req.parts
@@ -233,7 +237,14 @@ impl Coordinator {
         }
         if let Some(round) = self.rounds.get_mut(&(plan.step, plan.attempt.clone())) {
             round.state = RoundState::Committed(manifest_url.clone());
+            let commit = round.last_vote.map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+            self.last_checkpoint_cost = Some(CheckpointCost {
+                step: plan.step,
+                bytes: plan.parts.iter().map(|p| p.size).sum(),
+                seconds: round.write_seconds + commit.as_secs_f64(),
+            });
         }
+        self.commits += 1;
         let checkpoint = CommittedCheckpoint {
             step: plan.step,
             attempt: plan.attempt.clone(),

@@ -27,6 +27,7 @@ mod checkpoint;
 mod consistency;
 mod generation;
 mod progress;
+mod series;
 mod snapshot;
 mod stragglers;
 
@@ -48,6 +49,7 @@ use crate::plan::SamplePlan;
 pub use consistency::{is_state_check_step, StateCheck, STATE_CHECK_MAX_WAIT};
 pub use generation::StateSource;
 pub use progress::{GenerationRecord, MemberProgress, MemberState, Progress, GENERATION_HISTORY};
+pub use series::{CheckpointCost, StepPoint, STEP_HISTORY};
 pub use snapshot::{
     CoordinatorSnapshot, GenerationMember, GenerationSnapshot, RankVote, RoundSnapshot, RoundStatus, WorkerSnapshot,
     WorkerStatus, SNAPSHOT_VERSION,
@@ -177,7 +179,9 @@ enum Status {
 struct StepStats {
     loss: f64,
     learning_rate: f64,
+    grad_norm: f64,
     samples_per_second: Option<f64>,
+    data_wait_seconds: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +245,10 @@ struct Round {
     generation: u64,
     votes: BTreeMap<u32, Vec<PlannedPart>>,
     state: RoundState,
+    /// The slowest voter's time writing its parts.
+    write_seconds: f64,
+    /// When the last vote arrived.
+    last_vote: Option<Instant>,
 }
 
 /// The coordinator's whole state. See the module documentation for the lifecycle.
@@ -288,6 +296,14 @@ pub struct Coordinator {
     replica_checks: u64,
     /// State checks whose digests differed (each ordered a resync).
     replica_drifts: u64,
+    /// When this coordinator started.
+    started_at: Instant,
+    /// The recent steps as the lowest rank reported them.
+    series: series::StepSeries,
+    /// Checkpoints this coordinator committed.
+    commits: u64,
+    /// What the last of them cost.
+    last_checkpoint_cost: Option<CheckpointCost>,
 }
 
 fn secs(s: f64) -> Duration {
@@ -332,6 +348,10 @@ impl Coordinator {
             check: None,
             replica_checks: 0,
             replica_drifts: 0,
+            started_at: now,
+            series: series::StepSeries::default(),
+            commits: 0,
+            last_checkpoint_cost: None,
         };
         c.refresh_waiting_reason(now);
         c
@@ -574,9 +594,28 @@ impl Coordinator {
         let rank = self.live_rank(&id, req.generation)?;
         let world = self.generation.as_ref().map_or(0, |g| g.members.len());
         self.record_digest(now, req.generation, world, rank, req.step, &req.state_digest)?;
-        let stats = StepStats { loss: req.loss, learning_rate: req.learning_rate, samples_per_second };
+        let stats = StepStats {
+            loss: req.loss,
+            learning_rate: req.learning_rate,
+            grad_norm: req.grad_norm,
+            samples_per_second,
+            data_wait_seconds: req.data_wait_seconds,
+        };
         if self.last_report.is_none_or(|(r, _)| rank <= r) {
             self.last_report = Some((rank, stats));
+        }
+        if rank == 0 {
+            self.series.push(StepPoint {
+                step: req.step,
+                generation: req.generation,
+                elapsed_seconds: now.saturating_duration_since(self.started_at).as_secs_f64(),
+                loss: req.loss,
+                loss_terms: req.loss_terms.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                learning_rate: req.learning_rate,
+                grad_norm: req.grad_norm,
+                samples_per_second,
+                data_wait_seconds: req.data_wait_seconds,
+            });
         }
         let w = self.workers.get_mut(&id).expect("touched worker exists");
         w.last_step = Some(req.step);

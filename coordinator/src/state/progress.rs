@@ -1,9 +1,11 @@
 //! What the job looks like from outside: [`Progress`] for progress bars, `/status` and the
 //! final summary.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use super::{CommittedCheckpoint, Coordinator, Status, Worker};
+use super::{CheckpointCost, CommittedCheckpoint, Coordinator, Status, StepPoint, Worker};
 
 /// Generations kept in [`Progress::generation_history`] (the newest).
 pub const GENERATION_HISTORY: usize = 100;
@@ -62,6 +64,8 @@ pub struct MemberProgress {
     pub step_seconds: Option<f64>,
     /// Median time per step spent waiting in collectives, over the same steps.
     pub collective_wait_seconds: Option<f64>,
+    /// Seconds its latest step waited for data.
+    pub data_wait_seconds: Option<f64>,
 }
 
 /// A read-only snapshot of the job for progress bars, `/status` and the final summary.
@@ -82,12 +86,22 @@ pub struct Progress {
     pub members: Vec<MemberProgress>,
     /// Latest loss reported (rank 0's when it has reported).
     pub loss: Option<f64>,
+    /// The latest loss's terms by objective (rank 0's latest report).
+    pub loss_terms: BTreeMap<String, f64>,
     /// Latest learning rate reported.
     pub learning_rate: Option<f64>,
+    /// Latest gradient norm (before clipping) reported.
+    pub grad_norm: Option<f64>,
+    /// Seconds the latest reported step waited for data.
+    pub data_wait_seconds: Option<f64>,
     /// Throughput: global-batch samples per second of the latest step report.
     pub samples_per_second: Option<f64>,
     /// Committed checkpoints, oldest first (including the one the job resumed from).
     pub checkpoints: Vec<CommittedCheckpoint>,
+    /// Checkpoints this coordinator committed.
+    pub checkpoints_committed: u64,
+    /// What the last checkpoint this coordinator committed cost.
+    pub last_checkpoint: Option<CheckpointCost>,
     /// Distinct samples reported corrupt and quarantined.
     pub corrupt_samples: u64,
     /// True once every rank trained the last step and the final checkpoint is committed.
@@ -101,6 +115,8 @@ pub struct Progress {
     pub waiting_reason: Option<String>,
     /// Workers that joined after the first generation formed (restarted or added workers).
     pub rejoins: u64,
+    /// Generations formed since the job started.
+    pub generations: u64,
     /// The last [`GENERATION_HISTORY`] generations, oldest first.
     pub generation_history: Vec<GenerationRecord>,
     /// Replica state checks that compared every rank's digest (`train.ema_check_every`).
@@ -108,6 +124,9 @@ pub struct Progress {
     /// Of those, the checks whose digests differed: a rank had drifted and every rank took
     /// the reference rank's state by broadcast.
     pub replica_drifts: u64,
+    /// The last [`STEP_HISTORY`](super::STEP_HISTORY) steps as rank 0 reported them, oldest
+    /// first (for charts).
+    pub recent_steps: Vec<StepPoint>,
 }
 
 impl Progress {
@@ -146,6 +165,7 @@ impl Coordinator {
                     straggler: live && w.straggler,
                     step_seconds: if live { w.timings.step_seconds() } else { None },
                     collective_wait_seconds: if live { w.timings.collective_wait_seconds() } else { None },
+                    data_wait_seconds: if live { w.stats.map(|s| s.data_wait_seconds) } else { None },
                 }
             })
             .collect();
@@ -178,9 +198,14 @@ impl Coordinator {
             steps_done,
             members,
             loss: latest.map(|s| s.loss),
+            loss_terms: self.series.latest().map(|p| p.loss_terms.clone()).unwrap_or_default(),
             learning_rate: latest.map(|s| s.learning_rate),
+            grad_norm: latest.map(|s| s.grad_norm),
+            data_wait_seconds: latest.map(|s| s.data_wait_seconds),
             samples_per_second: latest.and_then(|s| s.samples_per_second),
             checkpoints: self.checkpoints.clone(),
+            checkpoints_committed: self.commits,
+            last_checkpoint: self.last_checkpoint_cost,
             corrupt_samples: self.quarantined.len() as u64,
             finished: self.finished,
             failure: self.failure.clone(),
@@ -191,9 +216,11 @@ impl Coordinator {
                 None
             },
             rejoins: self.rejoins,
+            generations: self.last_generation,
             generation_history: self.history.clone(),
             replica_checks: self.replica_checks,
             replica_drifts: self.replica_drifts,
+            recent_steps: self.series.points(),
         }
     }
 }

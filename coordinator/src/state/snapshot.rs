@@ -342,7 +342,7 @@ impl Coordinator {
                 RoundStatus::Committed { manifest_url } => RoundState::Committed(manifest_url),
                 RoundStatus::Aborted { reason } => RoundState::Aborted(reason),
             };
-            c.rounds.insert((r.step, r.attempt), Round { generation: r.generation, votes, state });
+            c.rounds.insert((r.step, r.attempt), Round { generation: r.generation, votes, state, write_seconds: 0.0, last_vote: None });
         }
         c.quarantined = snapshot.quarantined.into_iter().collect();
         c.requested = snapshot.requested;

@@ -57,11 +57,11 @@ fn vote(
     step: u64,
     attempt: &str,
     rank: usize,
-    outcome: Result<Vec<PartInfo>, String>,
+    outcome: Result<(Vec<PartInfo>, Duration), String>,
 ) {
-    let (ok, error, parts) = match outcome {
-        Ok(parts) => (true, String::new(), parts),
-        Err(e) => (false, e, Vec::new()),
+    let (ok, error, parts, took) = match outcome {
+        Ok((parts, took)) => (true, String::new(), parts, took),
+        Err(e) => (false, e, Vec::new(), Duration::ZERO),
     };
     let request = CheckpointVote {
         header: None,
@@ -72,6 +72,7 @@ fn vote(
         ok,
         error: error.clone(),
         parts: parts.iter().map(|p| CheckpointPart { path: p.path.clone(), sha256: p.sha256.clone(), size: p.size }).collect(),
+        write_seconds: took.as_secs_f64(),
     };
     // A coordinator outage (a restart from its journal) delays the vote, it does not lose it.
     let started = Instant::now();
@@ -110,7 +111,7 @@ impl Checkpointer {
         let started = Instant::now();
         let Membership { generation, rank } = member;
         if rank != 0 {
-            vote(&self.client, &self.runtime, generation, step, attempt, rank, Ok(Vec::new()));
+            vote(&self.client, &self.runtime, generation, step, attempt, rank, Ok((Vec::new(), Duration::ZERO)));
             return Taken::Started { blocked: started.elapsed() };
         }
         if must_complete {
@@ -129,7 +130,7 @@ impl Checkpointer {
                 tracing::info!(step, bytes, parts = parts.len(), seconds = took.as_secs_f64(), "checkpoint uploaded");
             }
             braid_coordinator::failpoint::hit("before-vote", step);
-            vote(&client, &runtime, generation, step, &attempt_name, rank, result.map_err(|e| e.to_string()));
+            vote(&client, &runtime, generation, step, &attempt_name, rank, result.map(|parts| (parts, took)).map_err(|e| e.to_string()));
         });
         let copying = self.uploader.submit(step, attempt, rank, live, then).expect("the uploader was idle");
         *self.copying.lock().unwrap_or_else(|e| e.into_inner()) = Some(copying);

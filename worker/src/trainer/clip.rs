@@ -108,7 +108,9 @@ impl Family for ClipFamily {
             }
         }
         let samples = valid_all.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as u64;
-        Ok(LossShare { total: loss.detach(), parts: Vec::new(), samples })
+        // CLIP's loss is its one objective, reported under its name like the other families' terms.
+        let total = loss.detach();
+        Ok(LossShare { parts: vec![("itc", total.shallow_clone())], total, samples })
     }
 
     fn after_update(&mut self) -> Result<(), TrainError> {

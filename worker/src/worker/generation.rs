@@ -222,6 +222,7 @@ pub fn run_generation(
             skipped_samples: loader.corrupt_samples(),
             collective_wait_seconds: collective_wait.as_secs_f64(),
             state_digest: state_sync::check_digest(&held.trainer, config, step, world_size),
+            loss_terms: stats.parts.iter().map(|(name, value)| (name.to_string(), *value)).collect(),
         };
         let reply = match runtime.block_on(client.report_step(report)) {
             Ok(reply) => {
