@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
-TEST_PACKAGES=(open-clip-torch==3.3.0 safetensors numpy pillow ftfy regex transformers==5.24.0 "moto[server]" iopath)
+TEST_PACKAGES=(open-clip-torch==3.3.0 safetensors numpy pillow ftfy regex transformers==5.24.0 "moto[server]" iopath kubernetes-validate==1.37.0)
 # ALBEF's reference. Its wheel pins DALL-E and attrs, which its ALBEF modules never import (they
 # need iopath, above, and torchvision, which open-clip-torch brings), so it goes in without them.
 TORCHMULTIMODAL=torchmultimodal-nightly==2024.4.1
@@ -24,7 +24,9 @@ ln -sfn "$torch_dir" .venv/torch
 
 if [[ "${1:-}" == "--test" ]]; then
   # Debian packages the tests drive: `ip` (the partition test cuts a worker off inside a network
-  # namespace) and the Prometheus server (it scrapes a running job's /metrics).
+  # namespace), the Prometheus server (it scrapes a running job's /metrics) and Chromium (the
+  # status page test renders the coordinator's page headless and screenshots it) and openssl
+  # (the TLS tests make their own certificates).
   apt_install() { # PACKAGE COMMAND WHY
     command -v "$2" >/dev/null && return
     echo "setup: installing $1 ($2) for $3" >&2
@@ -34,7 +36,9 @@ if [[ "${1:-}" == "--test" ]]; then
   }
   apt_install iproute2 ip "the partition test"
   apt_install prometheus prometheus "the Prometheus scrape test"
-  if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy, transformers, moto.server, boto3, iopath" 2>/dev/null; then
+  apt_install chromium chromium "the status page test"
+  apt_install openssl openssl "the TLS tests (they make their own certificates)"
+  if ! .venv/bin/python -c "import open_clip, safetensors, numpy, PIL, ftfy, transformers, moto.server, boto3, iopath, kubernetes_validate" 2>/dev/null; then
     echo "setup: installing test reference packages into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION" "${TEST_PACKAGES[@]}"
   fi

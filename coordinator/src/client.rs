@@ -11,9 +11,11 @@ use braid_proto::{
     HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, CheckpointRequest, LeaveRequest, PublishBootstrapRequest, RendezvousReply,
     RendezvousRequest, RendezvousState, StepReply, StepReport, PROTOCOL_VERSION,
 };
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
+use crate::security::{BearerToken, ClientSecurity};
 
 /// Default bound on each RPC.
 pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,7 +24,7 @@ pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection and the worker id.
 #[derive(Debug, Clone)]
 pub struct CoordinatorClient {
-    rpc: RpcClient<Channel>,
+    rpc: RpcClient<InterceptedService<Channel, BearerToken>>,
     addr: String,
     job_id: Arc<Mutex<String>>,
     worker_id: Arc<Mutex<String>>,
@@ -46,7 +48,13 @@ fn job_name(job_toml: &str) -> Option<String> {
 }
 
 fn refused(rpc: &'static str, status: tonic::Status) -> Error {
-    Error::Rpc { rpc, code: status.code(), message: status.message().to_string() }
+    // A transport failure (a reset connection, a failed TLS handshake) says what went wrong
+    // only in its sources.
+    let message = match std::error::Error::source(&status) {
+        Some(source) => format!("{}: {}", status.message(), chain(source)),
+        None => status.message().to_string(),
+    };
+    Error::Rpc { rpc, code: status.code(), message }
 }
 
 impl CoordinatorClient {
@@ -54,18 +62,37 @@ impl CoordinatorClient {
     /// `job_id`, retrying with backoff until `timeout` has passed. An empty `job_id` joins
     /// whatever job the coordinator runs and adopts its id from the join reply.
     pub async fn connect(addr: &str, job_id: &str, timeout: Duration) -> Result<Self> {
-        Self::connect_with(addr, job_id, timeout, DEFAULT_RPC_TIMEOUT).await
+        Self::connect_with(addr, job_id, timeout, DEFAULT_RPC_TIMEOUT, &ClientSecurity::default()).await
     }
 
-    /// [`CoordinatorClient::connect`] with a bound on each RPC.
-    pub async fn connect_with(addr: &str, job_id: &str, timeout: Duration, rpc_timeout: Duration) -> Result<Self> {
-        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    /// [`CoordinatorClient::connect`] to a coordinator that asks for a token or TLS: every call
+    /// carries `security`'s token, over TLS when it has TLS settings (a bare `host:port` then
+    /// means `https://host:port`).
+    pub async fn connect_secured(addr: &str, job_id: &str, timeout: Duration, security: &ClientSecurity) -> Result<Self> {
+        Self::connect_with(addr, job_id, timeout, DEFAULT_RPC_TIMEOUT, security).await
+    }
+
+    /// [`CoordinatorClient::connect_secured`] with a bound on each RPC.
+    pub async fn connect_with(
+        addr: &str,
+        job_id: &str,
+        timeout: Duration,
+        rpc_timeout: Duration,
+        security: &ClientSecurity,
+    ) -> Result<Self> {
+        let scheme = if security.tls.is_some() { "https" } else { "http" };
+        let uri = if addr.contains("://") { addr.to_string() } else { format!("{scheme}://{addr}") };
         let unreachable = |reason: String| Error::Unreachable { addr: addr.to_string(), reason };
-        let endpoint = Endpoint::from_shared(uri)
+        let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| unreachable(format!("not a valid address: {}", chain(&e))))?
             .connect_timeout(timeout.clamp(Duration::from_millis(100), Duration::from_secs(10)))
             .timeout(rpc_timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = &security.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Error::Security(format!("TLS settings for {addr}: {}", chain(&e))))?;
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut backoff = Duration::from_millis(50);
         let channel = loop {
@@ -87,7 +114,7 @@ impl CoordinatorClient {
             }
         };
         Ok(Self {
-            rpc: RpcClient::new(channel),
+            rpc: RpcClient::with_interceptor(channel, BearerToken::new(security.token.as_ref())),
             addr: addr.to_string(),
             job_id: Arc::new(Mutex::new(job_id.to_string())),
             worker_id: Arc::new(Mutex::new(String::new())),

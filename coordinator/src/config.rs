@@ -29,6 +29,10 @@ pub struct JobConfig {
     /// `[telemetry]`: logs.
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    /// `[security]`: the coordinator's bearer token and TLS. Left out of the job file's text
+    /// (and its hash) while unset.
+    #[serde(default, skip_serializing_if = "SecuritySection::is_unset")]
+    pub security: SecuritySection,
 }
 
 /// `[job]`
@@ -284,6 +288,56 @@ pub struct TelemetrySection {
     /// exactly-once consumption across failures. Default none.
     #[serde(default)]
     pub sample_ledger: Option<String>,
+}
+
+/// `[security]`: who may call the coordinator. Secrets never sit in the job file: the token
+/// comes from a file or the environment, and only paths are given here.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySection {
+    /// A file holding the bearer token every RPC and every mutating HTTP call must carry
+    /// (`authorization: Bearer <token>`). Unset: the token comes from the environment variable
+    /// `BRAID_AUTH_TOKEN` when that is set; otherwise no token is required.
+    #[serde(default)]
+    pub auth_token_file: Option<String>,
+    /// PEM certificate chain the coordinator serves gRPC and HTTP with (TLS). Needs `tls_key`.
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<String>,
+    /// PEM CA certificates: when set, every client must present a certificate they signed.
+    /// Needs `tls_cert`.
+    #[serde(default)]
+    pub tls_client_ca: Option<String>,
+}
+
+impl SecuritySection {
+    /// True when no key is set.
+    pub fn is_unset(&self) -> bool {
+        self == &Self::default()
+    }
+
+    fn validate(&self, p: &mut Vec<String>) {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => p.push("security.tls_cert is set but security.tls_key is not".into()),
+            (None, Some(_)) => p.push("security.tls_key is set but security.tls_cert is not".into()),
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            p.push("security.tls_client_ca needs security.tls_cert and security.tls_key: client certificates are checked over TLS".into());
+        }
+        for (key, value) in [
+            ("auth_token_file", &self.auth_token_file),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_client_ca", &self.tls_client_ca),
+        ] {
+            if value.as_deref() == Some("") {
+                p.push(format!("security.{key} is empty: give a file path or leave it out"));
+            }
+        }
+    }
 }
 
 fn default_family() -> String {
@@ -699,6 +753,7 @@ impl JobConfig {
         if !["text", "json"].contains(&self.telemetry.log_format.as_str()) {
             p.push(format!("telemetry.log_format = {:?}: use text or json", self.telemetry.log_format));
         }
+        self.security.validate(&mut p);
         if p.is_empty() {
             Ok(())
         } else {

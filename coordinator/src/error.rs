@@ -88,6 +88,9 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("coordinator server: {0}")]
     Serve(String),
+    /// Credentials or TLS settings that cannot be used (a missing or malformed token or PEM file).
+    #[error("security: {0}")]
+    Security(String),
     /// The coordinator's journal or lease (see [`crate::journal`]).
     #[error(transparent)]
     Journal(Box<crate::journal::JournalError>),
@@ -118,6 +121,7 @@ impl From<Error> for tonic::Status {
             Error::Unreachable { .. } => tonic::Status::unavailable(msg),
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
             Error::Serve(_) => tonic::Status::internal(msg),
+            Error::Security(_) => tonic::Status::unauthenticated(msg),
             Error::Rpc { code, message, .. } => tonic::Status::new(code, message),
             Error::Journal(_) => tonic::Status::failed_precondition(msg),
         }

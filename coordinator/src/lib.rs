@@ -14,9 +14,11 @@ pub mod journal;
 pub mod manifest;
 pub mod metrics;
 pub mod plan;
+pub mod security;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod status_page;
 pub mod store;
 
 pub use client::CoordinatorClient;

@@ -15,6 +15,7 @@ use crate::config::JobConfig;
 use crate::error::{Error, Result};
 use crate::journal::{unix_ms, Holder, Journal, JournalError};
 use crate::metrics;
+use crate::security::{self, AuthToken, ServerSecurity};
 use crate::manifest::DatasetManifest;
 use crate::service::CoordinatorService;
 use crate::state::{Coordinator, CoordinatorSnapshot, Progress};
@@ -249,15 +250,17 @@ pub async fn start_with(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<CoordinatorHandle> {
+    let security = ServerSecurity::load(&config.security)?;
     let (service, journal) = prepare(config, takeover).await?;
-    start_service(service, journal, listener, shutdown)
+    start_service(service, journal, security, listener, shutdown)
 }
 
-/// Starts an already prepared service on `listener`, keeping `journal` when there is one; it
-/// runs until `shutdown` is cancelled.
+/// Starts an already prepared service on `listener`, keeping `journal` when there is one and
+/// enforcing `security` (token, TLS); it runs until `shutdown` is cancelled.
 pub fn start_service(
     service: CoordinatorService,
     journal: Option<CoordinatorJournal>,
+    security: ServerSecurity,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<CoordinatorHandle> {
@@ -288,20 +291,25 @@ pub fn start_service(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let grpc = tonic::service::Routes::new(coordinator).add_service(health_service);
-    let routes = http_routes(service.clone(), grpc);
+    let routes = http_routes(service.clone(), grpc, security.token.clone());
+    let mut builder = tonic::transport::Server::builder().accept_http1(true);
+    let scheme = if security.tls.is_some() { "https" } else { "http" };
+    if let Some(tls) = security.tls {
+        builder = builder.tls_config(tls).map_err(|e| Error::Security(format!("the TLS settings in [security]: {e}")))?;
+    }
     let stop = shutdown.clone();
     let ready = !service.progress().is_over();
     let server = tokio::spawn(async move {
         // Health is set before the first connection is served, so no probe finds it missing.
         report_health(&first_health, ready).await;
-        tonic::transport::Server::builder()
-            .accept_http1(true)
+        builder
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await
             .map_err(|e| Error::Serve(format!("{local_addr}: {e}")))
     });
-    tracing::info!("coordinator listening on {local_addr}");
+    let token = if security.token.is_some() { ", bearer token required" } else { "" };
+    tracing::info!("coordinator listening on {scheme}://{local_addr}{token}");
     let pending = service.clone();
     tokio::spawn(async move { pending.run_pending().await });
     let journal = journal.map(|j| tokio::spawn(keep_journal(service.clone(), j, shutdown.clone())));
@@ -320,20 +328,42 @@ async fn report_health(health: &tonic_health::server::HealthReporter, ready: boo
 pub const COORDINATOR_SERVICE: &str = "braid.v1.Coordinator";
 
 /// The gRPC services `grpc` (the coordinator's and health checking) and, on the same port over
-/// HTTP/1.1 or HTTP/2, `GET /metrics` (Prometheus, see [`metrics`]) and `GET /status`: the job's
+/// HTTP/1.1 or HTTP/2, `POST /checkpoint` (a checkpoint at the next common step, as
+/// `braid checkpoint request` asks over gRPC), `GET /metrics` (Prometheus, see [`metrics`]) and `GET /status`: the job's
 /// [`Progress`] as JSON (generation, members with their ranks, steps and straggler flags,
-/// rejoins, generation history, checkpoints, why the job waits).
-fn http_routes(service: CoordinatorService, grpc: tonic::service::Routes) -> tonic::service::Routes {
+/// rejoins, generation history, checkpoints, why the job waits), and `GET /`: the same as an
+/// HTML page with charts of the recent steps (see [`crate::status_page`]).
+///
+/// With `token`, every gRPC call but health checks and every HTTP call but reads must carry it
+/// (see [`security::require_token`]).
+fn http_routes(service: CoordinatorService, grpc: tonic::service::Routes, token: Option<AuthToken>) -> tonic::service::Routes {
     let status = service.clone();
+    let page = service.clone();
+    let requester = service.clone();
     let router = grpc
         .into_axum_router()
         .route("/status", axum::routing::get(move || async move { axum::Json(status.progress()) }))
+        .route("/", axum::routing::get(move || async move { ([(axum::http::header::CONTENT_TYPE, crate::status_page::CONTENT_TYPE)], crate::status_page::render(&page.progress())) }))
         .route(
             "/metrics",
             axum::routing::get(move || async move {
                 ([(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)], metrics::render(&service.progress()))
             }),
         );
+    let router = router.route(
+        "/checkpoint",
+        axum::routing::post(move || async move {
+            use axum::response::IntoResponse;
+            match requester.checkpoint_now("an operator over HTTP (POST /checkpoint)", false) {
+                Ok(step) => axum::Json(serde_json::json!({ "requested": true, "after_step": step })).into_response(),
+                Err(e) => (axum::http::StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+            }
+        }),
+    );
+    let router = match token {
+        Some(token) => router.layer(axum::middleware::from_fn(move |request, next| security::require_token(token.clone(), request, next))),
+        None => router,
+    };
     tonic::service::Routes::from(router)
 }
 

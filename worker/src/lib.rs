@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod deploy;
 pub mod devicecheck;
 pub mod eval;
 pub mod export;

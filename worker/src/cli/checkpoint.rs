@@ -37,18 +37,21 @@ pub enum CheckpointCommand {
         /// Stop the job once the checkpoint is committed (as on SIGTERM).
         #[arg(long)]
         stop: bool,
+        #[command(flatten)]
+        security: super::security::ClientSecurityArgs,
     },
 }
 
 /// Runs a checkpoint command.
 pub fn dispatch(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        CheckpointCommand::Now { coordinator, job, stop } => {
+        CheckpointCommand::Now { coordinator, job, stop, security } => {
+            let security = security.load()?;
             let runtime = tokio::runtime::Runtime::new()?;
             let step = runtime.block_on(async {
                 // The operator is no worker: the request carries the job id and no worker id.
-                let client =
-                    braid_coordinator::CoordinatorClient::connect(&coordinator, &job, std::time::Duration::from_secs(10)).await?;
+                let timeout = std::time::Duration::from_secs(10);
+                let client = braid_coordinator::CoordinatorClient::connect_secured(&coordinator, &job, timeout, &security).await?;
                 client.request_checkpoint("braid checkpoint now", stop).await
             })?;
             match step {

@@ -3,10 +3,12 @@
 mod bench;
 mod checkpoint;
 mod data;
+mod deploy;
 mod eval;
 mod export;
 mod infer;
 mod run;
+mod security;
 mod status;
 
 use std::path::PathBuf;
@@ -48,6 +50,9 @@ enum Command {
     Checkpoint(checkpoint::CheckpointCommand),
     /// Measure training-step throughput of a model preset on synthetic tensors.
     Bench(bench::BenchArgs),
+    /// Render deployment manifests for a job (`braid deploy k8s JOB`).
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
     /// Check what GPU workers rely on: CUDA in libtorch, NCCL, one-rank collectives.
     CheckDevice {
         /// CUDA device to check.
@@ -80,6 +85,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Infer(args) => infer::infer_command(args),
         Command::Checkpoint(cmd) => checkpoint::dispatch(cmd),
         Command::Bench(args) => bench::bench(args),
+        Command::Deploy(cmd) => deploy::dispatch(cmd),
         Command::CheckDevice { device, json } => {
             let device = braid::worker::parse_device(&device).ok_or_else(|| anyhow::anyhow!("--device {device:?}: use cuda or cuda:N"))?;
             let checks = braid::devicecheck::run(device);

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use braid::eval::{evaluate, EvalOptions, EvalReport};
 use braid::worker::{parse_device, WorkerOptions};
+use braid_coordinator::config::JobConfig;
 use braid_coordinator::state::Progress;
 use clap::Args;
 use serde::Serialize;
@@ -52,6 +53,8 @@ pub struct WorkerArgs {
     /// JSON log lines.
     #[arg(long)]
     json_logs: bool,
+    #[command(flatten)]
+    security: super::security::ClientSecurityArgs,
 }
 
 /// Options of `braid coordinator`.
@@ -80,6 +83,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         device: args.device,
         connect_timeout: Duration::from_secs_f64(args.connect_timeout),
         advertise_host: args.advertise_host,
+        security: args.security.load()?,
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -164,7 +168,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let started = Instant::now();
-    let launcher = WorkerLauncher::new(&address, &config.cluster.device, &log_dir)?;
+    let launcher = WorkerLauncher::new(&address, &config, &log_dir)?;
     let mut children = (0..workers).map(|i| launcher.spawn(i, None)).collect::<anyhow::Result<Vec<Child>>>()?;
     let mut restarts = 0u32;
 
@@ -310,13 +314,18 @@ struct WorkerLauncher {
     device: String,
     gpus: usize,
     log_dir: PathBuf,
+    /// The job's `[security] auth_token_file`, handed to the workers (the token itself, from
+    /// BRAID_AUTH_TOKEN, reaches them through the inherited environment).
+    auth_token_file: Option<String>,
 }
 
 impl WorkerLauncher {
-    fn new(address: &str, device: &str, log_dir: &std::path::Path) -> anyhow::Result<Self> {
+    fn new(address: &str, config: &JobConfig, log_dir: &std::path::Path) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating the braid binary")?;
+        let device = config.cluster.device.clone();
         let gpus = if device == "cuda" { tch::Cuda::device_count().max(1) as usize } else { 1 };
-        Ok(Self { exe, address: address.to_string(), device: device.to_string(), gpus, log_dir: log_dir.to_path_buf() })
+        let auth_token_file = config.security.auth_token_file.clone();
+        Ok(Self { exe, address: address.to_string(), device, gpus, log_dir: log_dir.to_path_buf(), auth_token_file })
     }
 
     fn log_path(&self, i: usize) -> PathBuf {
@@ -339,6 +348,9 @@ impl WorkerLauncher {
         cmd.args(["worker", "--coordinator", &self.address, "--advertise-host", "127.0.0.1"]);
         if self.device == "cuda" {
             cmd.args(["--device", &format!("cuda:{}", i % self.gpus)]);
+        }
+        if let Some(file) = &self.auth_token_file {
+            cmd.env("BRAID_AUTH_TOKEN_FILE", file);
         }
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         #[cfg(target_os = "linux")]

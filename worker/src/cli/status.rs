@@ -98,6 +98,10 @@ fn render(s: &Value) -> String {
         text(&s["samples_per_second"]),
         text(&s["rejoins"]),
     ));
+    if let Some(terms) = s["loss_terms"].as_object().filter(|t| !t.is_empty()) {
+        let terms: Vec<String> = terms.iter().map(|(term, value)| format!("{term} {}", text(value))).collect();
+        out.push_str(&format!("loss terms: {}\n", terms.join(", ")));
+    }
     out.push_str("\nworker       host             rank  state                last step  step s   wait s   straggler\n");
     for m in s["members"].as_array().into_iter().flatten() {
         out.push_str(&format!(
@@ -129,6 +133,10 @@ fn render(s: &Value) -> String {
     }
     if let Some(latest) = s["checkpoints"].as_array().and_then(|c| c.last()) {
         out.push_str(&format!("\nlatest checkpoint: step {} at {}\n", text(&latest["step"]), text(&latest["manifest_url"])));
+    }
+    if let Some(cost) = s["last_checkpoint"].as_object() {
+        let bytes = cost["bytes"].as_u64().map_or_else(|| "-".to_string(), braid_coordinator::status_page::bytes);
+        out.push_str(&format!("last checkpoint cost: step {}, {bytes} in {} s\n", text(&cost["step"]), text(&cost["seconds"])));
     }
     out
 }

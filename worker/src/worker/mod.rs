@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use braid_coordinator::client::CoordinatorClient;
+use braid_coordinator::security::ClientSecurity;
 use braid_coordinator::config::JobConfig;
 use braid_proto::{RendezvousReply, RendezvousState};
 use tch::Device;
@@ -70,6 +71,8 @@ pub struct WorkerOptions {
     /// Host other ranks use to reach this worker's ring endpoint; default: the address this
     /// machine uses to reach the coordinator.
     pub advertise_host: Option<String>,
+    /// The token and TLS settings the coordinator asks for.
+    pub security: ClientSecurity,
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -84,7 +87,7 @@ pub fn parse_device(s: &str) -> Option<Device> {
 /// The local address used to reach `coordinator` (no packet is sent).
 fn local_host_towards(coordinator: &str) -> String {
     let probe = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| {
-        s.connect(coordinator)?;
+        s.connect(coordinator.rsplit("://").next().unwrap_or(coordinator))?;
         s.local_addr()
     });
     match probe {
@@ -96,7 +99,8 @@ fn local_host_towards(coordinator: &str) -> String {
 /// Runs a worker until the job finishes.
 pub fn run(options: WorkerOptions) -> Result<(), WorkerError> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let mut client = runtime.block_on(CoordinatorClient::connect(&options.coordinator, "", options.connect_timeout))?;
+    let mut client =
+        runtime.block_on(CoordinatorClient::connect_secured(&options.coordinator, "", options.connect_timeout, &options.security))?;
     let identity = Identity {
         hostname: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
         device: options.device.clone().unwrap_or_default(),
