@@ -288,6 +288,17 @@ pub struct TelemetrySection {
     /// exactly-once consumption across failures. Default none.
     #[serde(default)]
     pub sample_ledger: Option<String>,
+    /// An OTLP/gRPC endpoint (`http://collector:4317`) the coordinator and every worker send
+    /// spans (step phases, coordinator events) and metrics to. Default none: nothing is sent.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Seconds between OTLP metric exports. Default 10.
+    #[serde(default = "default_otlp_interval")]
+    pub otlp_interval_s: f64,
+}
+
+fn default_otlp_interval() -> f64 {
+    10.0
 }
 
 /// `[security]`: who may call the coordinator. Secrets never sit in the job file: the token
@@ -533,7 +544,13 @@ impl Default for CheckpointSection {
 
 impl Default for TelemetrySection {
     fn default() -> Self {
-        Self { log_format: default_log_format(), log_every_steps: default_log_every(), sample_ledger: None }
+        Self {
+            log_format: default_log_format(),
+            log_every_steps: default_log_every(),
+            sample_ledger: None,
+            otlp_endpoint: None,
+            otlp_interval_s: default_otlp_interval(),
+        }
     }
 }
 
@@ -752,6 +769,14 @@ impl JobConfig {
         }
         if !["text", "json"].contains(&self.telemetry.log_format.as_str()) {
             p.push(format!("telemetry.log_format = {:?}: use text or json", self.telemetry.log_format));
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                p.push(format!("telemetry.otlp_endpoint = {endpoint:?}: give an http:// or https:// URL (OTLP over gRPC, usually port 4317)"));
+            }
+        }
+        if !(self.telemetry.otlp_interval_s > 0.0 && self.telemetry.otlp_interval_s.is_finite()) {
+            p.push(format!("telemetry.otlp_interval_s = {}: must be a positive number of seconds", self.telemetry.otlp_interval_s));
         }
         self.security.validate(&mut p);
         if p.is_empty() {

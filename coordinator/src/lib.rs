@@ -20,6 +20,7 @@ pub mod service;
 pub mod state;
 pub mod status_page;
 pub mod store;
+pub mod telemetry;
 
 pub use client::CoordinatorClient;
 pub use error::{Error, Result};

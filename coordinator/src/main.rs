@@ -13,7 +13,6 @@ use anyhow::Context;
 use braid_coordinator::config::JobConfig;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// braid's coordinator: membership, rendezvous, data plan and checkpoint commit for one job.
 #[derive(Debug, Parser)]
@@ -53,12 +52,7 @@ async fn terminated() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = JobConfig::load(&args.job)?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if config.telemetry.log_format == "json" {
-        tracing_subscriber::fmt().with_env_filter(filter).json().init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    braid_coordinator::telemetry::Telemetry::init(config.telemetry.log_format == "json", "info");
     let linger = Duration::from_secs_f64(config.cluster.heartbeat_timeout_s + 1.0);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

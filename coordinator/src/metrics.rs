@@ -13,46 +13,42 @@ use crate::state::Progress;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Kind of a metric family, as `# TYPE` names it.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A value that goes up and down.
     Gauge,
+    /// A count that only grows (while this coordinator runs).
     Counter,
 }
 
-/// Writes metric families into a text exposition.
-struct Exposition<'a> {
-    out: String,
-    job: &'a str,
+/// Labels of one sample beyond `job_name`.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// One metric family: its name, kind, help text and samples (none while it has no value yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    /// Series name (`braid_...`).
+    pub name: &'static str,
+    /// Gauge or counter.
+    pub kind: Kind,
+    /// What it measures.
+    pub help: &'static str,
+    /// Label sets and values.
+    pub samples: Vec<(Labels, f64)>,
 }
 
-impl<'a> Exposition<'a> {
-    /// Starts family `name` and writes its samples: `(extra labels, value)`; `None` values are
-    /// left out (the family is still described).
-    fn family<'l>(
-        &mut self,
-        name: &str,
-        kind: Kind,
-        help: &str,
-        samples: impl IntoIterator<Item = (Vec<(&'l str, String)>, Option<f64>)>,
-    ) {
-        let kind = match kind {
-            Kind::Gauge => "gauge",
-            Kind::Counter => "counter",
-        };
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let Some(value) = value else { continue };
-            let mut text = format!("job_name=\"{}\"", escape(self.job));
-            for (key, v) in labels {
-                let _ = write!(text, ",{key}=\"{}\"", escape(&v));
-            }
-            let _ = writeln!(self.out, "{name}{{{text}}} {}", number(value));
-        }
+/// Collects the families of one [`Progress`].
+struct Families(Vec<Family>);
+
+impl Families {
+    /// Adds family `name` with its samples; `None` values are left out.
+    fn family(&mut self, name: &'static str, kind: Kind, help: &'static str, samples: impl IntoIterator<Item = (Labels, Option<f64>)>) {
+        let samples = samples.into_iter().filter_map(|(labels, value)| value.map(|v| (labels, v))).collect();
+        self.0.push(Family { name, kind, help, samples });
     }
 
     /// A family with one sample and no labels beyond `job_name`.
-    fn single(&mut self, name: &str, kind: Kind, help: &str, value: Option<f64>) {
+    fn single(&mut self, name: &'static str, kind: Kind, help: &'static str, value: Option<f64>) {
         self.family(name, kind, help, [(Vec::new(), value)]);
     }
 }
@@ -77,10 +73,10 @@ fn flag(on: bool) -> Option<f64> {
     Some(if on { 1.0 } else { 0.0 })
 }
 
-/// The job's metrics in Prometheus's text format.
-pub fn render(progress: &Progress) -> String {
+/// Every metric family of the job, described the same whether or not it has a value yet.
+pub fn families(progress: &Progress) -> Vec<Family> {
     use Kind::{Counter, Gauge};
-    let mut e = Exposition { out: String::new(), job: &progress.job };
+    let mut e = Families(Vec::new());
     let p = progress;
     e.single("braid_step", Gauge, "Global steps completed by every rank of the live generation.", Some(p.steps_done as f64));
     e.single("braid_total_steps", Gauge, "Optimizer steps the job trains (train.steps).", Some(p.total_steps as f64));
@@ -138,7 +134,7 @@ pub fn render(progress: &Progress) -> String {
     let per_rank = |value: fn(&crate::state::MemberProgress) -> Option<f64>| {
         ranked
             .iter()
-            .map(move |(rank, m)| (vec![("rank", rank.to_string()), ("worker", m.worker_id.clone())], value(m)))
+            .map(move |(rank, m)| (vec![("rank", rank.to_string()), ("worker", m.worker_id.clone())] as Labels, value(m)))
             .collect::<Vec<_>>()
     };
     e.family(
@@ -182,7 +178,29 @@ pub fn render(progress: &Progress) -> String {
     e.single("braid_job_finished", Gauge, "1 once the job trained its last step and committed it.", flag(p.finished));
     e.single("braid_job_failed", Gauge, "1 once the job failed.", flag(p.failure.is_some()));
     e.single("braid_job_waiting", Gauge, "1 while no generation is live and the job waits for workers.", flag(p.waiting_reason.is_some()));
-    e.out
+    e.0
+}
+
+/// The job's metrics in Prometheus's text format.
+pub fn render(progress: &Progress) -> String {
+    let mut out = String::new();
+    let job = format!("job_name=\"{}\"", escape(&progress.job));
+    for family in families(progress) {
+        let kind = match family.kind {
+            Kind::Gauge => "gauge",
+            Kind::Counter => "counter",
+        };
+        let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
+        let _ = writeln!(out, "# TYPE {} {kind}", family.name);
+        for (labels, value) in &family.samples {
+            let mut text = job.clone();
+            for (key, v) in labels {
+                let _ = write!(text, ",{key}=\"{}\"", escape(v));
+            }
+            let _ = writeln!(out, "{}{{{text}}} {}", family.name, number(*value));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -201,12 +219,15 @@ mod tests {
 
     #[test]
     fn a_family_without_values_is_described_but_has_no_samples() {
-        let mut e = Exposition { out: String::new(), job: "j\"1" };
-        e.single("braid_x", Kind::Gauge, "X.", None);
-        e.family("braid_y", Kind::Counter, "Y.", [(vec![("rank", "0".to_string())], Some(1.5))]);
-        assert_eq!(
-            e.out,
-            "# HELP braid_x X.\n# TYPE braid_x gauge\n# HELP braid_y Y.\n# TYPE braid_y counter\nbraid_y{job_name=\"j\\\"1\",rank=\"0\"} 1.5\n"
-        );
+        let progress = crate::state::Coordinator::new(
+            crate::config::JobConfig::parse("[job]\nname = \"j\\\"1\"\n[data]\ntrain = \"m.json\"\n", "test").unwrap(),
+            std::time::Instant::now(),
+            "n",
+        )
+        .progress();
+        let text = render(&progress);
+        assert!(text.contains("# HELP braid_loss Loss of the latest step (rank 0's report).\n# TYPE braid_loss gauge\n# HELP"), "{text}");
+        assert!(text.contains("\nbraid_step{job_name=\"j\\\"1\"} 0\n"), "{text}");
+        assert!(families(&progress).iter().all(|f| f.name.starts_with("braid_") && !f.help.is_empty()));
     }
 }

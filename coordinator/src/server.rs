@@ -15,6 +15,7 @@ use crate::config::JobConfig;
 use crate::error::{Error, Result};
 use crate::journal::{unix_ms, Holder, Journal, JournalError};
 use crate::metrics;
+use crate::telemetry;
 use crate::security::{self, AuthToken, ServerSecurity};
 use crate::manifest::DatasetManifest;
 use crate::service::CoordinatorService;
@@ -183,6 +184,8 @@ pub struct CoordinatorHandle {
     shutdown: CancellationToken,
     server: JoinHandle<Result<()>>,
     journal: Option<JoinHandle<Result<()>>>,
+    /// The job's OpenTelemetry instruments while it exports over OTLP.
+    instruments: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl CoordinatorHandle {
@@ -232,6 +235,11 @@ impl CoordinatorHandle {
         let served = self.server.await.map_err(|e| Error::Serve(format!("server task: {e}")))?;
         if let Some(journal) = self.journal {
             journal.await.map_err(|e| Error::Serve(format!("journal task: {e}")))??;
+        }
+        if !self.instruments.is_empty() {
+            // The last export carries the job's final numbers.
+            let telemetry = telemetry::Telemetry::installed();
+            tokio::task::spawn_blocking(move || telemetry.inspect(|t| t.shutdown())).await.ok();
         }
         served
     }
@@ -313,7 +321,22 @@ pub fn start_service(
     let pending = service.clone();
     tokio::spawn(async move { pending.run_pending().await });
     let journal = journal.map(|j| tokio::spawn(keep_journal(service.clone(), j, shutdown.clone())));
-    Ok(CoordinatorHandle { service, local_addr, shutdown, server, journal })
+    let instruments = export_telemetry(&service)?;
+    Ok(CoordinatorHandle { service, local_addr, shutdown, server, journal, instruments })
+}
+
+/// Starts the OTLP export of spans and the job's series when `[telemetry] otlp_endpoint` is
+/// set; returns the instruments to keep (none when nothing is exported).
+fn export_telemetry(service: &CoordinatorService) -> Result<Vec<Box<dyn std::any::Any + Send + Sync>>> {
+    let config = service.config();
+    if config.telemetry.otlp_endpoint.is_none() {
+        return Ok(Vec::new());
+    }
+    let telemetry = telemetry::Telemetry::installed().unwrap_or_else(|| telemetry::Telemetry::init(false, "info"));
+    let origin = telemetry::Origin { service: "braid-coordinator", job: config.job.name.clone(), worker_id: None };
+    telemetry.export(&config.telemetry, &origin)?;
+    let progress = service.clone();
+    Ok(telemetry::observe_job(&opentelemetry::global::meter("braid"), move || progress.progress()))
 }
 
 /// gRPC health (`grpc.health.v1`): SERVING for the whole server and for `braid.v1.Coordinator`

@@ -14,8 +14,10 @@ use braid_proto::{
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::commit;
+use crate::config::JobConfig;
 use crate::error::{Error, Result};
 use crate::state::{Action, CommitPlan, Coordinator, CoordinatorSnapshot, LogLevel, Progress, StateCheck};
 use crate::store::StoreRoot;
@@ -94,17 +96,32 @@ impl CoordinatorService {
     /// Applies `f` to the state at the current time; logs the resulting log lines and returns
     /// the other actions.
     fn apply<T>(&self, f: impl FnOnce(&mut Coordinator, Instant) -> Result<T>) -> (Result<T>, Vec<Action>) {
-        let (result, actions) = {
+        let (result, actions, generations) = {
             let mut state = self.lock();
+            let before = state.live_generation();
             let result = f(&mut state, Instant::now());
             let actions = state.take_actions();
             if state.is_over() {
                 self.shared.ended.cancel();
             }
-            (result, actions)
+            (result, actions, (before, state.live_generation()))
         };
         self.shared.changed.notify_waiters();
-        log(&actions);
+        match generations {
+            (before, after) if before != after => {
+                // A generation formed or ended: its own span, holding the log lines that say why.
+                let number = |g: Option<(u64, usize)>| g.map_or(0, |(n, _)| n);
+                let _span = tracing::info_span!(
+                    "generation_change",
+                    from = number(before),
+                    to = number(after),
+                    world_size = after.map_or(0, |(_, w)| w)
+                )
+                .entered();
+                log(&actions);
+            }
+            _ => log(&actions),
+        }
         let rest = actions.into_iter().filter(|a| !matches!(a, Action::Log { .. })).collect();
         (result, rest)
     }
@@ -115,6 +132,11 @@ impl CoordinatorService {
             f(s, now);
             Ok(())
         });
+    }
+
+    /// The job's configuration.
+    pub fn config(&self) -> JobConfig {
+        self.lock().config().clone()
     }
 
     /// A snapshot of the job.
@@ -180,6 +202,12 @@ impl CoordinatorService {
     /// Phase two of a checkpoint: verify, write the manifest create-only, move `latest`,
     /// apply retention. Returns the manifest's URL.
     async fn commit(&self, plan: &CommitPlan) -> Result<String> {
+        let bytes: u64 = plan.parts.iter().map(|p| p.size).sum();
+        let span = tracing::info_span!("commit", step = plan.step, attempt = %plan.attempt, parts = plan.parts.len(), bytes);
+        self.commit_in_span(plan).instrument(span).await
+    }
+
+    async fn commit_in_span(&self, plan: &CommitPlan) -> Result<String> {
         let Some(root) = &self.shared.checkpoints else {
             let reason = "the coordinator has no checkpoint store open";
             self.update(|s, _| s.commit_failed(plan, reason));
@@ -229,6 +257,7 @@ fn reply<T>(rpc: &str, result: Result<T>) -> Result<Response<T>, Status> {
 impl CoordinatorRpc for CoordinatorService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         let req = request.into_inner();
+        let _span = tracing::info_span!("join", hostname = %req.hostname, device = %req.device, pid = req.pid).entered();
         reply("Join", self.apply(|s, now| s.join(now, &req)).0)
     }
 

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use braid::deploy::k8s::{render, K8sOptions};
-use braid_coordinator::config::JobConfig;
+use braid::deploy::k8s::{render, JobFile, K8sOptions};
 use braid_tests::{braid, workspace_root, BraidOutput};
 use serde_json::{json, Value};
 
@@ -257,7 +256,7 @@ fn manifests_read_back_as_rendered_and_say_what_they_should() {
 
     // PyYAML reads back exactly the objects braid built.
     let docs = read_yaml_dir(&out_dir);
-    let job = JobConfig::parse(&job_text, "job").unwrap();
+    let job = JobFile::parse(&job_text, "job").unwrap();
     let options = K8sOptions {
         image_coordinator: "registry.example.com/braid-coordinator:1.2".into(),
         image_worker: "registry.example.com/braid-worker:1.2".into(),
@@ -292,15 +291,14 @@ fn manifests_read_back_as_rendered_and_say_what_they_should() {
     assert_eq!(coordinator["livenessProbe"]["grpc"], json!({"port": 7070}));
     assert!(coordinator["resources"]["requests"]["cpu"].is_string() && coordinator["resources"]["limits"]["memory"].is_string());
     let config_map = &docs["configmap.yaml"];
-    let mounted = JobConfig::parse(config_map["data"]["job.toml"].as_str().unwrap(), "configmap").unwrap();
-    assert_eq!(mounted, job, "the ConfigMap's job file differs from the job");
+    assert_eq!(config_map["data"]["job.toml"], job_text.as_str(), "the ConfigMap's job file differs from the job file");
     let volumes = &docs["coordinator-deployment.yaml"]["spec"]["template"]["spec"]["volumes"];
     assert_eq!(volumes[0]["configMap"]["name"], config_map["metadata"]["name"]);
 
     let worker_job = &docs["worker-job.yaml"];
     assert_eq!(worker_job["spec"]["completionMode"], "Indexed");
     assert_eq!((&worker_job["spec"]["completions"], &worker_job["spec"]["parallelism"]), (&json!(4), &json!(4)));
-    assert_eq!(worker_job["spec"]["backoffLimit"], job.cluster.max_restarts);
+    assert_eq!(worker_job["spec"]["backoffLimit"], job.config.cluster.max_restarts);
     let worker = first_container(worker_job);
     assert_eq!(worker["image"], "registry.example.com/braid-worker:1.2");
     for requirement in ["requests", "limits"] {
@@ -399,7 +397,7 @@ esac
 /// Runs the multi-GPU launcher of a rendered 3-GPU worker pod with a fake `braid` in `mode`;
 /// `signal_after_start` sends SIGTERM once all three workers started. Returns (exit code, log).
 fn run_launcher(mode: &str, signal_after_start: bool) -> (Option<i32>, String, Duration) {
-    let job = JobConfig::parse(&std::fs::read_to_string(workspace_root().join(EXAMPLE_JOB)).unwrap(), "job").unwrap();
+    let job = JobFile::parse(&std::fs::read_to_string(workspace_root().join(EXAMPLE_JOB)).unwrap(), "job").unwrap();
     let options = K8sOptions { workers: Some(3), gpus_per_worker: 3, ..K8sOptions::default() };
     let rendering = render(&job, &options).unwrap();
     let worker_job = &rendering.documents.iter().find(|d| d.file == "worker-job.yaml").unwrap().value;

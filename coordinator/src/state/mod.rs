@@ -473,6 +473,11 @@ impl Coordinator {
         self.generation.as_ref().map(|g| g.number)
     }
 
+    /// The live generation's number and world size, if one is live.
+    pub fn live_generation(&self) -> Option<(u64, usize)> {
+        self.generation.as_ref().map(|g| (g.number, g.members.len()))
+    }
+
     fn describe(&self, id: &str) -> String {
         match self.workers.get(id) {
             Some(w) => match w.status {

@@ -124,7 +124,10 @@ impl Checkpointer {
         let live = state();
         let (client, runtime) = (self.client.clone(), self.runtime.clone());
         let attempt_name = attempt.to_string();
+        // The upload thread logs inside this step's span (job, generation, rank, step).
+        let span = tracing::Span::current();
         let then = Box::new(move |result: super::Result<Vec<PartInfo>>, took: Duration| {
+            let _span = span.enter();
             if let Ok(parts) = &result {
                 let bytes: u64 = parts.iter().map(|p| p.size).sum();
                 tracing::info!(step, bytes, parts = parts.len(), seconds = took.as_secs_f64(), "checkpoint uploaded");

@@ -4,9 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use braid::deploy::k8s::{default_image, render, K8sOptions, VolumeClaim, KUSTOMIZATION};
+use braid::deploy::k8s::{default_image, render, JobFile, K8sOptions, VolumeClaim, KUSTOMIZATION};
 use braid::deploy::write_files;
-use braid_coordinator::config::JobConfig;
 use clap::{Args, Subcommand};
 
 /// `braid deploy` subcommands.
@@ -64,11 +63,11 @@ pub fn dispatch(command: DeployCommand) -> anyhow::Result<ExitCode> {
 
 fn k8s(args: K8sArgs) -> anyhow::Result<ExitCode> {
     // Loading validates the job like every other command does; the manifests then carry the
-    // job as written, since relative paths resolve against another folder in the pods.
+    // job file as written, since relative paths resolve against another folder in the pods.
     super::load_job(&args.job)?;
     let origin = args.job.display().to_string();
     let text = std::fs::read_to_string(&args.job).with_context(|| format!("reading job {origin}"))?;
-    let job = JobConfig::parse(&text, &origin)?;
+    let job = JobFile::parse(&text, &origin)?;
     let options = K8sOptions {
         image_coordinator: args.image_coordinator,
         image_worker: args.image_worker,

@@ -123,7 +123,5 @@ pub fn init_logging(json: bool) {
 
 /// Like [`init_logging`] with another default filter when `RUST_LOG` is unset.
 pub fn init_logging_with(json: bool, default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    braid_coordinator::telemetry::Telemetry::init(json, default_filter);
 }

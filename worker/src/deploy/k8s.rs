@@ -148,6 +148,24 @@ impl Default for K8sOptions {
     }
 }
 
+/// A job file as written: its text, and the job it describes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobFile {
+    /// The file's text, comments and relative paths as they are.
+    pub text: String,
+    /// The parsed job; relative paths are not resolved, since the pods see other folders.
+    pub config: JobConfig,
+}
+
+impl JobFile {
+    /// Parses and validates a job file's `text`; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, DeployError> {
+        let config = JobConfig::parse(text, origin)?;
+        config.validate(origin)?;
+        Ok(Self { text: text.to_string(), config })
+    }
+}
+
 /// The manifests of one job and what the person deploying it should know.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendering {
@@ -179,18 +197,21 @@ impl Rendering {
     }
 }
 
-/// Renders the manifests of `config` (as written in the job file: relative paths are not
-/// resolved, since the pods see other folders) with `options`.
-pub fn render(config: &JobConfig, options: &K8sOptions) -> Result<Rendering, DeployError> {
-    let mut job = config.clone();
-    if let Some(n) = options.workers {
-        if n == 0 {
-            return Err(option_error("--workers", n, "need at least 1 worker"));
+/// Renders the manifests of `job_file` with `options`. The ConfigMap holds the job file as
+/// written; with `options.workers` it holds braid's canonical form of the job (every key, no
+/// comments) with the new generation size instead.
+pub fn render(job_file: &JobFile, options: &K8sOptions) -> Result<Rendering, DeployError> {
+    let mut job = job_file.config.clone();
+    let job_toml = match options.workers {
+        None => job_file.text.clone(),
+        Some(0) => return Err(option_error("--workers", 0, "need at least 1 worker")),
+        Some(n) => {
+            job.cluster.min_workers = n;
+            job.cluster.max_workers = n;
+            job.validate(&format!("job {:?} with --workers {n}", job.job.name))?;
+            job.to_toml()
         }
-        job.cluster.min_workers = n;
-        job.cluster.max_workers = n;
-        job.validate(&format!("job {:?} with --workers {n}", job.job.name))?;
-    }
+    };
     let on_gpu = job.cluster.device.starts_with("cuda");
     let gpus = options.gpus_per_worker;
     let workers = job.cluster.max_workers;
@@ -227,7 +248,6 @@ pub fn render(config: &JobConfig, options: &K8sOptions) -> Result<Rendering, Dep
         worker: format!("{base}-worker"),
         base,
     };
-    let job_toml = job.to_toml();
     let job_hash = hex::encode(Sha256::digest(job_toml.as_bytes()));
     let ctx = Context { job: &job, options, names: &names, job_hash };
 
@@ -589,6 +609,29 @@ fn storage_warnings(job: &JobConfig, claims: &[VolumeClaim]) -> Vec<String> {
             ));
         }
     }
+    let security = &job.security;
+    let secret_files = [
+        ("security.auth_token_file", &security.auth_token_file),
+        ("security.tls_cert", &security.tls_cert),
+        ("security.tls_key", &security.tls_key),
+        ("security.tls_client_ca", &security.tls_client_ca),
+    ];
+    for (key, file) in secret_files {
+        let Some(file) = file else { continue };
+        if !claims.iter().any(|c| Path::new(file).starts_with(&c.mount_path)) {
+            warnings.push(format!(
+                "{key} = {file:?} is a file the pods see only on a volume they mount: keep it in a Secret and mount that \
+                 there with a kustomize patch (for the token, the {AUTH_SECRET} Secret alone will do)"
+            ));
+        }
+    }
+    if security.tls_cert.is_some() {
+        warnings.push(
+            "security.tls_cert is set, so the coordinator serves TLS only: the kubelet's gRPC probes and the \
+             ServiceMonitor (scheme http) speak plaintext; patch them before applying"
+                .into(),
+        );
+    }
     if job.checkpoint.url.is_none() {
         warnings.push(
             "checkpoint.url is not set: a restarted coordinator cannot resume the job (it journals under the checkpoint \
@@ -609,10 +652,8 @@ mod tests {
                            [train]\nglobal_batch = 256\n[cluster]\nmin_workers = 8\nmax_workers = 8\nmax_restarts = 5\n\
                            device = \"cuda\"\n[checkpoint]\nurl = \"gs://ckpt/vit\"\ngrace_period_s = 90.5\n";
 
-    fn parse(text: &str) -> JobConfig {
-        let job = JobConfig::parse(text, "test").unwrap();
-        job.validate("test").unwrap();
-        job
+    fn parse(text: &str) -> JobFile {
+        JobFile::parse(text, "test").unwrap()
     }
 
     fn doc<'a>(rendering: &'a Rendering, file: &str) -> &'a Value {
@@ -655,11 +696,9 @@ mod tests {
 
     #[test]
     fn the_config_map_holds_the_job_as_written() {
-        let job = parse(CPU_JOB);
-        let r = render(&job, &K8sOptions::default()).unwrap();
+        let r = render(&parse(CPU_JOB), &K8sOptions::default()).unwrap();
         let text = doc(&r, "configmap.yaml")["data"]["job.toml"].as_str().unwrap();
-        assert_eq!(JobConfig::parse(text, "configmap").unwrap(), job);
-        assert!(text.contains("../data/synth/train/manifest.json"), "{text}");
+        assert_eq!(text, CPU_JOB);
         let hash = hex::encode(Sha256::digest(text.as_bytes()));
         let annotations = &doc(&r, "coordinator-deployment.yaml")["spec"]["template"]["metadata"]["annotations"];
         assert_eq!(annotations[JOB_HASH_ANNOTATION], json!(hash));
@@ -751,7 +790,7 @@ mod tests {
     #[test]
     fn options_that_cannot_fit_the_job_are_refused() {
         let gpu = parse(GPU_JOB);
-        let err = |job: &JobConfig, options: K8sOptions| render(job, &options).unwrap_err().to_string();
+        let err = |job: &JobFile, options: K8sOptions| render(job, &options).unwrap_err().to_string();
         let e = err(&gpu, K8sOptions { gpus_per_worker: 3, ..K8sOptions::default() });
         assert!(e.contains("--gpus-per-worker = 3") && e.contains("8 workers"), "{e}");
         let e = err(&parse(CPU_JOB), K8sOptions { gpus_per_worker: 2, ..K8sOptions::default() });
@@ -761,7 +800,7 @@ mod tests {
         let e = err(&gpu, K8sOptions { namespace: Some("ML_team".into()), ..K8sOptions::default() });
         assert!(e.contains("--namespace \"ML_team\""), "{e}");
         let mut nameless = gpu.clone();
-        nameless.job.name = "_.".into();
+        nameless.config.job.name = "_.".into();
         assert!(err(&nameless, K8sOptions::default()).contains("job.name \"_.\""));
     }
 
@@ -772,6 +811,9 @@ mod tests {
         let text = doc(&r, "configmap.yaml")["data"]["job.toml"].as_str().unwrap();
         let job = JobConfig::parse(text, "configmap").unwrap();
         assert_eq!((job.cluster.min_workers, job.cluster.max_workers), (16, 16));
+        let mut expected = parse(GPU_JOB).config;
+        (expected.cluster.min_workers, expected.cluster.max_workers) = (16, 16);
+        assert_eq!(job, expected, "--workers changed more than the generation size");
     }
 
     #[test]
@@ -788,6 +830,14 @@ mod tests {
         let pod = &doc(&r, "worker-job.yaml")["spec"]["template"]["spec"];
         assert_eq!(pod["volumes"][0], json!({"name": "claim-0", "persistentVolumeClaim": {"claimName": "braid-data"}}));
         assert_eq!(pod["containers"][0]["volumeMounts"][0], json!({"name": "claim-0", "mountPath": "/data"}));
+    }
+
+    #[test]
+    fn tls_and_secret_files_are_warned_about() {
+        let text = format!("{GPU_JOB}[security]\ntls_cert = \"/certs/tls.crt\"\ntls_key = \"/certs/tls.key\"\n");
+        let r = render(&parse(&text), &K8sOptions::default()).unwrap();
+        assert!(r.warnings.iter().any(|w| w.starts_with("security.tls_key = \"/certs/tls.key\" is a file")), "{:?}", r.warnings);
+        assert!(r.warnings.iter().any(|w| w.contains("probes")), "{:?}", r.warnings);
     }
 
     #[test]

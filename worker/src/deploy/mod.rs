@@ -1,6 +1,7 @@
 //! Deployment manifests rendered from a job file (`braid deploy k8s`): pure functions from a
-//! [`JobConfig`](braid_coordinator::config::JobConfig) and options to named documents, and the
-//! one place that writes them to a folder without losing what is already there.
+//! job file ([`k8s::JobFile`]: its text and its [`JobConfig`](braid_coordinator::config::JobConfig))
+//! and options to named documents, and the one place that writes them to a folder without
+//! losing what is already there.
 
 pub mod k8s;
 pub mod yaml;

@@ -160,6 +160,7 @@ impl Family for AlbefFamily {
         let attention_mask = batch.attention_mask();
         let (masked_ids, labels) = self.mask(batch, &attention_mask)?;
 
+        let forward = tracing::info_span!("forward").entered();
         // 1. The momentum model's features and MLM logits; gathered features, flags and counts.
         let mm = &self.momentum_model;
         let (image_m, text_m, mlm_logits_m) = tch::no_grad(|| {
@@ -203,6 +204,8 @@ impl Family for AlbefFamily {
         let mlm_logits = self.model.mlm_logits(&self.model.fuse(&masked_states, &attention_mask, &image_own)).to_kind(kind);
         let mlm = distilled_mlm_sum(&mlm_logits, &labels, mlm_logits_m.as_ref(), alpha) / gathered.count.max(1) as f64;
 
+        drop(forward);
+        let _backward = tracing::info_span!("backward").entered();
         // 4. Backward to the heads, fusion layers and leaves, then through the encoders.
         let total = &itc + &itm + &mlm;
         total.backward();

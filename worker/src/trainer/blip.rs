@@ -166,6 +166,7 @@ impl Family for BlipFamily {
         let attention_mask = batch.attention_mask();
         let predicted = lm_targets(&attention_mask, &batch.valid);
 
+        let forward = tracing::info_span!("forward").entered();
         // 1. The momentum model's features; gathered features, flags and LM target counts.
         let mm = &self.momentum_model;
         let (image_m, text_m) = tch::no_grad(|| {
@@ -206,6 +207,8 @@ impl Family for BlipFamily {
         let lm_logits = self.model.decoder_logits(&decoder_ids, &attention_mask, &image_own);
         let lm = lm_loss_sum(&lm_logits, &decoder_ids, &predicted, config.label_smoothing, kind) / gathered.count.max(1) as f64;
 
+        drop(forward);
+        let _backward = tracing::info_span!("backward").entered();
         // 4. Backward to the text model, heads, decoder and image leaf, then through the image encoder.
         let total = &itc + &itm + &lm;
         total.backward();

@@ -56,6 +56,7 @@ impl Family for ClipFamily {
 
         let micro = if self.max_micro_batch == 0 { batch.len() } else { self.max_micro_batch.min(batch.len()) };
         let single_pass = micro >= batch.len();
+        let forward = tracing::info_span!("forward").entered();
         // Stage 1: this rank's features (kept in the graph when there is one micro-batch; with
         // activation checkpointing, the graph of each tower's stem and head and its block inputs).
         let mut tapes = None;
@@ -85,6 +86,8 @@ impl Family for ClipFamily {
         let local_grads = feature_grads.narrow(0, rows.start, slot);
         let (image_grad, text_grad) = (local_grads.narrow(1, 0, dim), local_grads.narrow(1, dim, dim));
 
+        drop(forward);
+        let _backward = tracing::info_span!("backward").entered();
         // Stage 3: backward of this rank's slice through the towers.
         if let Some((image_tape, text_tape)) = tapes {
             image_tape.backward(&image_grad);

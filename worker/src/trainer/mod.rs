@@ -454,7 +454,7 @@ impl Trainer {
         // before the update: the parameters then still hold the previous step.
         coll.check()?;
         before_update();
-        let (grad_norm, lr) = self.apply_update(step)?;
+        let (grad_norm, lr) = tracing::info_span!("optimizer").in_scope(|| self.apply_update(step))?;
         Ok(StepStats { loss, grad_norm, lr, logit_scale: self.family.logit_scale(), samples, parts })
     }
 
@@ -491,6 +491,7 @@ impl Trainer {
         let kind = grads[0].kind();
         let shares: Vec<Tensor> = std::iter::once(&share.total).chain(share.parts.iter().map(|(_, t)| t)).map(|t| t.detach().to_kind(kind).reshape([1])).collect();
         let mut shares = Tensor::cat(&shares, 0);
+        let _all_reduce = tracing::info_span!("all_reduce", buckets_bytes = self.bucket_bytes).entered();
         let global = if self.reduce_precision == ReducePrecision::Fp32 {
             grads.push(shares);
             all_reduce_buckets(coll, &mut grads, self.bucket_bytes, self.reduce_precision)?;

@@ -12,6 +12,7 @@ use braid_proto::{RendezvousReply, StepReply, StepReport};
 use tch::{Device, Tensor};
 
 use super::ledger::Ledger;
+use super::metrics::WorkerMetrics;
 use super::state_sync::{self, Origin};
 use super::{nccl_bootstrap, WorkerError};
 use crate::checkpoint::participant::{Checkpointer, Membership, Taken};
@@ -118,6 +119,8 @@ pub fn run_generation(
 ) -> Result<GenerationEnd, WorkerError> {
     let WorkerContext { runtime, client, config, device, .. } = *ctx;
     let (generation, rank, world_size) = (rendezvous.generation, rendezvous.rank as usize, rendezvous.world_size as usize);
+    // Every log line and span of this generation names it and this worker's rank.
+    let _generation_span = tracing::info_span!("generation", generation, rank, world_size).entered();
     let timeout = Duration::from_secs_f64(config.cluster.collective_timeout_s);
     let material = match Engine::for_device(device) {
         Engine::Ring => Rendezvous::Ring { listener, endpoints: rendezvous.endpoints.clone(), session: generation },
@@ -180,10 +183,12 @@ pub fn run_generation(
     let member = Membership { generation, rank };
     let slot = global_batch.div_ceil(world_size);
     let mut outage_since: Option<Instant> = None;
+    let metrics = WorkerMetrics::new(&config.job.name, &client.worker_id().unwrap_or_default());
     for step in start..total {
+        let _step_span = tracing::info_span!("step", step).entered();
         let started = Instant::now();
         braid_coordinator::failpoint::set_context(step, rank);
-        let batch = loader.next_batch()?;
+        let batch = tracing::info_span!("data_wait").in_scope(|| loader.next_batch())?;
         if let Some(ledger) = ctx.ledger {
             ledger.lock().unwrap_or_else(|e| e.into_inner()).contributed(generation, step, rank, world_size, &batch.keys);
         }
@@ -224,7 +229,8 @@ pub fn run_generation(
             state_digest: state_sync::check_digest(&held.trainer, config, step, world_size),
             loss_terms: stats.parts.iter().map(|(name, value)| (name.to_string(), *value)).collect(),
         };
-        let reply = match runtime.block_on(client.report_step(report)) {
+        metrics.record(rank, &report);
+        let reply = match tracing::info_span!("report").in_scope(|| runtime.block_on(client.report_step(report))) {
             Ok(reply) => {
                 if let Some(since) = outage_since.take() {
                     tracing::info!(step, "coordinator reachable again after {:.1} s", since.elapsed().as_secs_f64());
@@ -271,6 +277,7 @@ pub fn run_generation(
 
 /// Takes part in the checkpoint of `step`, logging how it went.
 fn take_checkpoint(checkpointer: &Checkpointer, trainer: &Trainer, member: Membership, step: u64, prefix: &str, must_complete: bool) {
+    let _span = tracing::info_span!("checkpoint", step).entered();
     let attempt = format!("{prefix}-s{step}");
     let state = || {
         let mut state = trainer.state();

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use braid_coordinator::client::CoordinatorClient;
 use braid_coordinator::security::ClientSecurity;
+use braid_coordinator::telemetry::{Origin, Telemetry};
 use braid_coordinator::config::JobConfig;
 use braid_proto::{RendezvousReply, RendezvousState};
 use tch::Device;
@@ -19,6 +20,7 @@ use crate::trainer::{model_spec, Trainer};
 
 mod generation;
 mod ledger;
+mod metrics;
 mod state_sync;
 
 use generation::{run_generation, GenerationEnd, Held, WorkerContext};
@@ -113,6 +115,17 @@ pub fn run(options: WorkerOptions) -> Result<(), WorkerError> {
     if config.train.threads > 0 {
         tch::set_num_threads(config.train.threads as i32);
     }
+    // Every log line and span of this worker names its job and id.
+    let worker_id = client.worker_id().unwrap_or_default();
+    let telemetry = Telemetry::installed().unwrap_or_else(|| Telemetry::init(false, "info"));
+    {
+        let _runtime = runtime.enter();
+        let origin = Origin { service: "braid-worker", job: config.job.name.clone(), worker_id: Some(worker_id.clone()) };
+        if let Err(e) = telemetry.export(&config.telemetry, &origin) {
+            tracing::warn!("no OTLP export: {e}");
+        }
+    }
+    let worker_span = tracing::info_span!("worker", job = %config.job.name, worker_id = %worker_id).entered();
 
     let step_now = Arc::new(AtomicU64::new(0));
     let heartbeat = spawn_heartbeat(&runtime, client.clone(), step_now.clone(), Duration::from_millis(joined.heartbeat_interval_ms.max(100)));
@@ -126,6 +139,9 @@ pub fn run(options: WorkerOptions) -> Result<(), WorkerError> {
         Err(e) => format!("error: {e}"),
     };
     let _ = runtime.block_on(client.leave(&reason));
+    // The last spans and metrics go out before the process exits.
+    drop(worker_span);
+    telemetry.shutdown();
     result
 }
 
