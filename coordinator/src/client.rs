@@ -9,7 +9,7 @@ use braid_proto::coordinator_client::CoordinatorClient as RpcClient;
 use braid_proto::{
     CheckpointVote, CheckpointVoteReply, CorruptReply, CorruptReport, DataPlanReply, DataPlanRequest, Header,
     HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, CheckpointRequest, LeaveRequest, PublishBootstrapRequest, RendezvousReply,
-    RendezvousRequest, RendezvousState, StepReply, StepReport, PROTOCOL_VERSION,
+    RendezvousRequest, RendezvousState, StatusRequest, StepReply, StepReport, PROTOCOL_VERSION,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -261,5 +261,12 @@ impl CoordinatorClient {
         let req = CheckpointRequest { header: Some(self.header()), reason: reason.into(), stop_after };
         let reply = self.rpc.clone().request_checkpoint(req).await.map_err(|s| refused("RequestCheckpoint", s))?;
         Ok(reply.into_inner().step)
+    }
+
+    /// The job's progress as JSON (what `GET /status` serves).
+    pub async fn status_json(&self) -> Result<String> {
+        let req = StatusRequest { header: Some(self.header()) };
+        let reply = self.rpc.clone().status(req).await.map_err(|s| refused("Status", s))?;
+        Ok(reply.into_inner().progress_json)
     }
 }

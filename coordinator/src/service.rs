@@ -10,7 +10,7 @@ use braid_proto::coordinator_server::Coordinator as CoordinatorRpc;
 use braid_proto::{
     CheckpointRequest, CheckpointRequestReply, CheckpointVote, CheckpointVoteReply, CorruptReply, CorruptReport, DataPlanReply, DataPlanRequest, HeartbeatReply,
     HeartbeatRequest, JoinReply, JoinRequest, LeaveReply, LeaveRequest, PublishBootstrapReply, PublishBootstrapRequest,
-    RendezvousReply, RendezvousRequest, StepReply, StepReport,
+    RendezvousReply, RendezvousRequest, StatusReply, StatusRequest, StepReply, StepReport,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -329,6 +329,11 @@ impl CoordinatorRpc for CoordinatorService {
     ) -> Result<Response<CheckpointRequestReply>, Status> {
         let req = request.into_inner();
         reply("RequestCheckpoint", self.apply(|s, now| s.request_checkpoint(now, &req)).0)
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let progress_json = serde_json::to_string(&self.progress()).map_err(|e| Status::internal(format!("encoding the status: {e}")))?;
+        Ok(Response::new(StatusReply { progress_json }))
     }
 
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {

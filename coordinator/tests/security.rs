@@ -232,6 +232,9 @@ async fn tls_refuses_plaintext_and_clients_without_a_trusted_certificate() {
     let client = CoordinatorClient::connect_secured(&address, JOB, Duration::from_secs(5), &pki.client(Some("client"))).await.unwrap();
     client.join("h", "cpu", 1).await.unwrap();
     assert_eq!(handle.progress().members.len(), 1);
+    // `braid status` reads the job over the same TLS connection.
+    let status: serde_json::Value = serde_json::from_str(&client.status_json().await.unwrap()).unwrap();
+    assert_eq!((status["job"].as_str(), status["members"].as_array().map(Vec::len)), (Some(JOB), Some(1)));
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! A whole job behind a bearer token: `braid run` hands the job's token file to its workers
 //! and the job trains; a worker with a wrong token is refused with a message that says why and
-//! never shows the token.
+//! never shows the token; `braid status` needs the token as well.
 
 use std::time::Duration;
 
@@ -44,6 +44,14 @@ fn a_job_behind_a_token_trains_and_a_worker_with_the_wrong_token_is_refused() {
     let text = refused.text();
     assert!(text.contains("Unauthenticated") && text.contains("the bearer token is wrong"), "{text}");
     assert!(!text.contains(token) && !text.contains("tok-not-this-one"), "the worker printed a token:\n{text}");
+
+    // `braid status` needs the token too; with it, it shows the job waiting for workers.
+    let denied = braid(["status", "--coordinator", &address], Duration::from_secs(30));
+    assert!(!denied.status.success() && denied.text().contains("Unauthenticated"), "{}", denied.text());
+    let shown = braid(["status", "--coordinator", &address, "--auth-token-file", token_file.to_str().unwrap()], Duration::from_secs(30));
+    assert!(shown.status.success(), "{}", shown.text());
+    assert!(shown.stdout.contains("secured") && shown.stdout.contains("waiting"), "{}", shown.stdout);
+
     let coordinator_log = std::fs::read_to_string(worker_logs.join("coordinator.log")).unwrap();
     assert!(coordinator_log.contains("refused POST /braid.v1.Coordinator/Join"), "{coordinator_log}");
     assert!(!coordinator_log.contains(token) && !coordinator_log.contains("tok-not-this-one"), "{coordinator_log}");

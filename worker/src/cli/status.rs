@@ -1,11 +1,11 @@
-//! `braid status`: the job as its coordinator sees it (`GET /status` on the coordinator's port).
+//! `braid status`: the job as its coordinator sees it (the `Status` RPC, the same document as
+//! `GET /status` on the coordinator's port), over TLS and with the bearer token when asked.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use braid_coordinator::CoordinatorClient;
 use clap::Args;
 use serde_json::Value;
 
@@ -18,50 +18,27 @@ pub struct StatusArgs {
     /// Print the coordinator's JSON as is.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    security: super::security::ClientSecurityArgs,
 }
 
 /// Runs `braid status`.
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let body = http_get(&args.coordinator, "/status").with_context(|| format!("asking {} for /status", args.coordinator))?;
-    let status: Value = serde_json::from_str(&body).with_context(|| format!("{} answered /status with no JSON", args.coordinator))?;
+    let security = args.security.load()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body = runtime
+        .block_on(async {
+            let client = CoordinatorClient::connect_secured(&args.coordinator, "", Duration::from_secs(5), &security).await?;
+            client.status_json().await
+        })
+        .with_context(|| format!("asking {} for the job's status", args.coordinator))?;
+    let status: Value = serde_json::from_str(&body).with_context(|| format!("{} answered with no JSON status", args.coordinator))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
         print!("{}", render(&status));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A plain HTTP/1.1 GET of `path` on `address`; returns the body of a 200 reply.
-fn http_get(address: &str, path: &str) -> anyhow::Result<String> {
-    let address = address.trim_start_matches("http://");
-    let target = address.to_socket_addrs()?.next().with_context(|| format!("{address} resolves to no address"))?;
-    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nAccept: application/json\r\nConnection: close\r\n\r\n")?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply)?;
-    let reply = String::from_utf8_lossy(&reply);
-    let (head, body) = reply.split_once("\r\n\r\n").context("the reply has no HTTP header")?;
-    let status_line = head.lines().next().unwrap_or_default();
-    anyhow::ensure!(status_line.split_whitespace().nth(1) == Some("200"), "the coordinator answered {status_line:?}");
-    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
-    Ok(if chunked { dechunk(body)? } else { body.to_string() })
-}
-
-/// The payload of a chunked HTTP body.
-fn dechunk(mut body: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").context("a chunk without a size line")?;
-        let size = usize::from_str_radix(size.trim(), 16).with_context(|| format!("chunk size {size:?}"))?;
-        if size == 0 {
-            return Ok(out);
-        }
-        anyhow::ensure!(rest.len() >= size, "a chunk shorter than its size");
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
 }
 
 fn text(v: &Value) -> String {
