@@ -225,7 +225,7 @@ pub fn render(job_file: &JobFile, options: &K8sOptions) -> Result<Rendering, Dep
             &format!("the job runs on cluster.device = {:?}; GPUs per pod apply to cuda jobs", job.cluster.device),
         ));
     }
-    if workers % gpus != 0 {
+    if !workers.is_multiple_of(gpus) {
         return Err(option_error(
             "--gpus-per-worker",
             gpus,
