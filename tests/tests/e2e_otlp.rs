@@ -135,15 +135,16 @@ fn a_jobs_spans_and_metrics_arrive_over_otlp() {
     let mut coordinator = spawn(&["coordinator", "--job", job_path.to_str().unwrap(), "--listen", &address], "coordinator.log");
     let worker = ["worker", "--coordinator", &address, "--advertise-host", "127.0.0.1"];
     let json_worker = [&worker[..], &["--json-logs"]].concat();
-    let mut workers = [spawn(&worker, "worker-0.log"), spawn(&json_worker, "worker-1.log")];
+    let mut workers = [spawn(&json_worker, "worker-0.log"), spawn(&json_worker, "worker-1.log")];
     let deadline = Instant::now() + Duration::from_secs(180);
     for w in &mut workers {
         assert!(w.wait_until(deadline, || read_logs(&logs)).success(), "{}", read_logs(&logs));
     }
     assert!(coordinator.wait_until(deadline, || read_logs(&logs)).success(), "{}", read_logs(&logs));
 
-    // JSON log lines of a training step name the job, worker, generation, rank and step.
-    let json_log = std::fs::read_to_string(logs.join("worker-1.log")).unwrap();
+    // JSON log lines of a training step name the job, worker, generation, rank and step (rank 0,
+    // whichever worker it is, logs the steps and uploads the checkpoints).
+    let json_log = ["worker-0.log", "worker-1.log"].map(|f| std::fs::read_to_string(logs.join(f)).unwrap()).concat();
     let step_lines: Vec<serde_json::Value> = json_log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
