@@ -158,6 +158,13 @@ def albef_step(args):
     named = list(model.named_parameters()) + [("itm_head." + n, p) for n, p in itm_head.named_parameters()] \
         + [("mlm_head." + n, p) for n, p in mlm_head.named_parameters() if n != "decoder.weight"]
     params = [p for _, p in named if p.requires_grad]
+    if args.save_init:
+        # The initial weights in the layout `braid bench --init-from` (and `[model] init_from`)
+        # reads: the model's state dict without its queue buffers; braid keeps its own heads.
+        from safetensors.torch import save_file
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+                 if k not in ("image_queue", "text_queue", "idx_queue", "queue_ptr")}
+        save_file(state, args.save_init)
     opt = adamw(named, args.fused_adamw)
     itc_loss = ImageTextContrastiveLoss()
     captured = {}
@@ -331,6 +338,7 @@ def main() -> None:
     ap.add_argument("--mlm-probability", type=float, default=0.15)
     ap.add_argument("--fused-adamw", action="store_true", help="torch.optim.AdamW(fused=True) instead of the default")
     ap.add_argument("--trace", help="after the timed steps, profile 3 more and write a Chrome trace here")
+    ap.add_argument("--save-init", help="ALBEF: write the initial weights here (safetensors) for `braid bench --init-from`")
     args = ap.parse_args()
     args.vocab = args.vocab or (30522 if args.model == "albef" else 30524)
     if args.queue is None:
@@ -343,10 +351,11 @@ def main() -> None:
     step, shape = (albef_step if args.model == "albef" else blip_step)(args)
     for i in range(args.warmup):
         step(i)
-    times, cpu_times, terms = [], [], {}
+    times, cpu_times, terms, every = [], [], {}, []
     for i in range(args.steps):
         cpu0, t0 = time.process_time(), time.perf_counter()
         terms = step(args.warmup + i)
+        every.append([[k, v] for k, v in terms.items()])
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - cpu0)
     if args.trace:
@@ -367,6 +376,7 @@ def main() -> None:
         "samples_per_second": args.batch / median,
         "cpu_seconds": statistics.median(cpu_times),
         "loss_terms": [[k, v] for k, v in terms.items()],
+        "step_loss_terms": every,
         "momentum_shape": shape,
     }))
 

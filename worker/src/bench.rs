@@ -59,6 +59,9 @@ pub struct BenchOptions {
     pub activation_checkpointing: bool,
     /// Where to write a profiler trace of a few extra steps, if anywhere.
     pub trace: Option<std::path::PathBuf>,
+    /// Reference weights to start from (as `[model] init_from` takes them), instead of braid's
+    /// initialisation.
+    pub init_from: Option<String>,
 }
 
 /// Measured throughput.
@@ -366,6 +369,10 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     let Setup { config, spec, momentum_shape, flops_per_sample } = setup(options)?;
     let (image_size, context) = (spec.image_size(), spec.context_length());
     let mut trainer = Trainer::new(&config, spec, options.device)?;
+    if let Some(location) = &options.init_from {
+        crate::init_from::init_from(&mut trainer, location)
+            .map_err(|e| TrainError::State { origin: location.clone(), reason: e.to_string() })?;
+    }
     let (listener, _) = RingListener::bind("127.0.0.1:0")?;
     let mut coll = RingCollective::connect(listener, 0, 1, &["127.0.0.1:0".to_string()], 0, std::time::Duration::from_secs(60))?;
 

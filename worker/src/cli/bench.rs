@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// here (summarise it with bench/trace_summary.py, or open it in Perfetto).
     #[arg(long)]
     trace: Option<std::path::PathBuf>,
+    /// Start from reference weights instead of braid's initialisation, in the layouts
+    /// `[model] init_from` takes (open_clip for CLIP, torchmultimodal for ALBEF, transformers for
+    /// BLIP); heads the layout lacks keep braid's initialisation.
+    #[arg(long)]
+    init_from: Option<String>,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -114,6 +119,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         record_losses: args.losses,
         activation_checkpointing: args.activation_checkpointing,
         trace: args.trace,
+        init_from: args.init_from,
     })?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
