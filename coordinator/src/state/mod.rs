@@ -493,7 +493,9 @@ impl Coordinator {
     pub fn join(&mut self, now: Instant, req: &JoinRequest) -> Result<JoinReply> {
         self.check_header_of(req.header.as_ref(), true)?;
         let id = format!("w-{}", self.next_seq);
-        self.workers.insert(id.clone(), Worker::new(self.next_seq, req.hostname.clone(), req.device.clone(), now));
+        // A worker without a device override trains on the job's `cluster.device`.
+        let device = if req.device.is_empty() { self.config.cluster.device.clone() } else { req.device.clone() };
+        self.workers.insert(id.clone(), Worker::new(self.next_seq, req.hostname.clone(), device.clone(), now));
         self.next_seq += 1;
         let rejoin = if self.last_generation > 0 {
             self.rejoins += 1;
@@ -503,7 +505,7 @@ impl Coordinator {
         };
         self.log(
             LogLevel::Info,
-            format!("worker {id} joined from {} (device {:?}, pid {}){rejoin}", req.hostname, req.device, req.pid),
+            format!("worker {id} joined from {} (device {device:?}, pid {}){rejoin}", req.hostname, req.pid),
         );
         let interval = secs(self.config.cluster.heartbeat_timeout_s / 5.0)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
