@@ -267,6 +267,15 @@ fn caption_batch(batch: usize, image_size: i64, context: i64, vocab_size: i64, d
     }
 }
 
+/// Gives the fixed batch the sample positions of global step `step` (`step * batch` onwards),
+/// as a job's data plan would: masking and negative draws hash the positions, so each step
+/// masks and draws anew, as in training and in the reference scripts, rather than repeating
+/// step 0's.
+fn as_step(batch: &mut DeviceBatch, step: usize) {
+    let b = batch.len() as i64;
+    batch.positions = Tensor::arange_start(step as i64 * b, (step as i64 + 1) * b, (Kind::Int64, Device::Cpu));
+}
+
 /// What a benchmark trains: the job, the model, the ALBEF/BLIP shape, and the forward FLOPs
 /// of one sample.
 struct Setup {
@@ -378,7 +387,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
 
     let device = options.device;
     let kind = trainer.compute_kind();
-    let batch = if momentum_shape.is_some() {
+    let mut batch = if momentum_shape.is_some() {
         caption_batch(options.batch, image_size, context, options.vocab_size, device, kind)
     } else {
         synthetic_batch(options.batch, image_size, context, options.vocab_size, device, kind)
@@ -389,6 +398,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         }
     };
     for step in 0..options.warmup {
+        as_step(&mut batch, step);
         trainer.train_step(step as u64, &batch, &mut coll)?;
     }
     sync();
@@ -401,6 +411,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         let cpu0 = process_cpu_seconds();
         let t0 = Instant::now();
         let mut t1 = t0;
+        as_step(&mut batch, options.warmup + step);
         let stats = trainer.train_step_with((options.warmup + step) as u64, &batch, &mut coll, || {
             sync();
             t1 = Instant::now();
@@ -415,6 +426,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
     if let Some(path) = &options.trace {
         let profiler = crate::profiler::Profiler::start(matches!(device, Device::Cuda(_)))?;
         for step in 0..TRACED_STEPS {
+            as_step(&mut batch, options.warmup + options.steps + step);
             trainer.train_step((options.warmup + options.steps + step) as u64, &batch, &mut coll)?;
         }
         sync();
