@@ -280,13 +280,13 @@ pub fn start_service(
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(TICK_INTERVAL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut serving = Some(!ticker.progress().is_over());
+        let mut serving = Some(!ticker.is_over());
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = interval.tick() => ticker.tick(Instant::now()),
             }
-            let ready = !ticker.progress().is_over();
+            let ready = !ticker.is_over();
             if serving != Some(ready) {
                 report_health(&health, ready).await;
                 serving = Some(ready);
@@ -306,7 +306,7 @@ pub fn start_service(
         builder = builder.tls_config(tls).map_err(|e| Error::Security(format!("the TLS settings in [security]: {e}")))?;
     }
     let stop = shutdown.clone();
-    let ready = !service.progress().is_over();
+    let ready = !service.is_over();
     let server = tokio::spawn(async move {
         // Health is set before the first connection is served, so no probe finds it missing.
         report_health(&first_health, ready).await;

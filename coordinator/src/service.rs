@@ -139,6 +139,12 @@ impl CoordinatorService {
         self.lock().config().clone()
     }
 
+    /// True when the job finished, failed, or stopped after a preemption checkpoint (cheaper
+    /// than [`CoordinatorService::progress`], which copies the recent steps).
+    pub fn is_over(&self) -> bool {
+        self.lock().is_over()
+    }
+
     /// A snapshot of the job.
     pub fn progress(&self) -> Progress {
         self.lock().progress()

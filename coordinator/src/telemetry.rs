@@ -8,7 +8,7 @@
 //! `/metrics`) as OpenTelemetry instruments.
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::Meter;
 use opentelemetry::trace::TracerProvider as _;
@@ -139,48 +139,77 @@ impl Telemetry {
 /// The process's telemetry, once [`Telemetry::init`] ran.
 static INSTALLED: OnceLock<Telemetry> = OnceLock::new();
 
+/// How long one reading of the job's families serves the instruments' callbacks: one export
+/// calls them all within a few milliseconds, so the job is read once per export, not once per
+/// family.
+const READING_TTL: Duration = Duration::from_millis(200);
+
+/// The job's metric families as last read, shared by every instrument's callback.
+struct Reading<F> {
+    progress: F,
+    last: Mutex<Option<(Instant, Arc<(String, Vec<metrics::Family>)>)>>,
+}
+
+impl<F: Fn() -> Progress> Reading<F> {
+    /// The job's name and families, read again when the last reading is older than
+    /// [`READING_TTL`].
+    fn families(&self) -> Arc<(String, Vec<metrics::Family>)> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((at, reading)) if at.elapsed() < READING_TTL => reading.clone(),
+            _ => {
+                let p = (self.progress)();
+                let reading = Arc::new((p.job.clone(), metrics::families(&p)));
+                *last = Some((Instant::now(), reading.clone()));
+                reading
+            }
+        }
+    }
+
+    /// Family `name`'s samples with `job_name` and their labels as attributes.
+    fn observe(&self, name: &str) -> Vec<(f64, Vec<KeyValue>)> {
+        let reading = self.families();
+        let (job, families) = &*reading;
+        let Some(family) = families.iter().find(|f| f.name == name) else { return Vec::new() };
+        family
+            .samples
+            .iter()
+            .map(|(labels, value)| {
+                let mut attributes = vec![KeyValue::new("job_name", job.clone())];
+                attributes.extend(labels.iter().map(|(k, v)| KeyValue::new(*k, v.clone())));
+                (*value, attributes)
+            })
+            .collect()
+    }
+}
+
 /// Publishes every `/metrics` family of the job as an OpenTelemetry instrument of the same
 /// name on `meter`, read from `progress` at each export; samples carry `job_name` and their
 /// labels as attributes. Returns the instruments (keep them for the export's life).
 pub fn observe_job(meter: &Meter, progress: impl Fn() -> Progress + Send + Sync + 'static) -> Vec<Box<dyn std::any::Any + Send + Sync>> {
-    let progress = Arc::new(progress);
+    let first = progress();
+    let reading = Arc::new(Reading { progress, last: Mutex::new(None) });
     let mut instruments: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
-    for family in metrics::families(&progress()) {
-        let read = progress.clone();
-        let name = family.name;
-        let samples = move || {
-            let p = read();
-            let job = KeyValue::new("job_name", p.job.clone());
-            metrics::families(&p).into_iter().find(|f| f.name == name).into_iter().flat_map(move |f| {
-                let job = job.clone();
-                f.samples.into_iter().map(move |(labels, value)| {
-                    let mut attributes = vec![job.clone()];
-                    attributes.extend(labels.into_iter().map(|(k, v)| KeyValue::new(k, v)));
-                    (value, attributes)
-                })
-            })
+    for family in metrics::families(&first) {
+        let (name, read) = (family.name, reading.clone());
+        let report = move |observe: &dyn Fn(f64, &[KeyValue])| {
+            for (value, attributes) in read.observe(name) {
+                observe(value, &attributes);
+            }
         };
         match family.kind {
             Kind::Gauge => instruments.push(Box::new(
                 meter
                     .f64_observable_gauge(name)
                     .with_description(family.help)
-                    .with_callback(move |observer| {
-                        for (value, attributes) in samples() {
-                            observer.observe(value, &attributes);
-                        }
-                    })
+                    .with_callback(move |observer| report(&|v, a| observer.observe(v, a)))
                     .build(),
             )),
             Kind::Counter => instruments.push(Box::new(
                 meter
                     .f64_observable_counter(name)
                     .with_description(family.help)
-                    .with_callback(move |observer| {
-                        for (value, attributes) in samples() {
-                            observer.observe(value, &attributes);
-                        }
-                    })
+                    .with_callback(move |observer| report(&|v, a| observer.observe(v, a)))
                     .build(),
             )),
         }

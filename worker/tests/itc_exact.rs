@@ -3,11 +3,13 @@
 //! with the same loss and summed gradients as one process computing the textbook symmetric
 //! InfoNCE over the whole batch, with and without gradient-accumulation micro-batches.
 
-use std::time::Duration;
+// The shared test helpers; this test uses the ring of threads only.
+#[allow(dead_code)]
+mod common;
 
-use braid::collective::{RingCollective, RingListener};
 use braid::trainer::{clip_config, seeded, Trainer, DeviceBatch};
 use braid_coordinator::config::JobConfig;
+use common::on_ring_ranks;
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 12;
@@ -55,27 +57,16 @@ fn reference() -> (f64, Vec<(String, Tensor)>) {
 
 /// `world_size` threads, each training its slice; returns every rank's loss and gradients.
 fn distributed(world_size: usize, max_micro_batch: usize) -> Vec<(f64, Vec<(String, Tensor)>)> {
-    let listeners: Vec<(RingListener, String)> = (0..world_size).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
-    let endpoints: Vec<String> = listeners.iter().map(|(_, e)| e.clone()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, (listener, _))| {
-            let endpoints = endpoints.clone();
-            std::thread::spawn(move || {
-                let mut coll = RingCollective::connect(listener, rank, world_size, &endpoints, 1, Duration::from_secs(20)).unwrap();
-                let config = job(max_micro_batch);
-                let mut trainer = Trainer::new(&config, clip_config(&config, VOCAB).unwrap(), Device::Cpu).unwrap();
-                let per_rank = BATCH / world_size as i64;
-                let batch = global_batch().narrow(rank as i64 * per_rank, per_rank);
-                let (loss, samples) = trainer.compute_gradients(0, &batch, &mut coll).unwrap();
-                assert_eq!(samples, BATCH as u64);
-                let grads = trainer.named_grads().into_iter().map(|(n, g)| (n, g.copy())).collect();
-                (loss, grads)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    on_ring_ranks(world_size, move |rank, coll| {
+        let config = job(max_micro_batch);
+        let mut trainer = Trainer::new(&config, clip_config(&config, VOCAB).unwrap(), Device::Cpu).unwrap();
+        let per_rank = BATCH / world_size as i64;
+        let batch = global_batch().narrow(rank as i64 * per_rank, per_rank);
+        let (loss, samples) = trainer.compute_gradients(0, &batch, coll).unwrap();
+        assert_eq!(samples, BATCH as u64);
+        let grads = trainer.named_grads().into_iter().map(|(n, g)| (n, g.copy())).collect();
+        (loss, grads)
+    })
 }
 
 fn assert_matches(world_size: usize, max_micro_batch: usize) {

@@ -1,4 +1,4 @@
-//! What the data-parallel tests of the momentum families share: ranks as threads joined by the
+//! What the data-parallel tests share: ranks as threads joined by the
 //! TCP ring, and the comparison of two trainers' states.
 
 use std::collections::HashMap;
