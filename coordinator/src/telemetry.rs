@@ -144,16 +144,19 @@ static INSTALLED: OnceLock<Telemetry> = OnceLock::new();
 /// family.
 const READING_TTL: Duration = Duration::from_millis(200);
 
+/// The job's name and its metric families, as read at one moment.
+type Families = Arc<(String, Vec<metrics::Family>)>;
+
 /// The job's metric families as last read, shared by every instrument's callback.
 struct Reading<F> {
     progress: F,
-    last: Mutex<Option<(Instant, Arc<(String, Vec<metrics::Family>)>)>>,
+    last: Mutex<Option<(Instant, Families)>>,
 }
 
 impl<F: Fn() -> Progress> Reading<F> {
     /// The job's name and families, read again when the last reading is older than
     /// [`READING_TTL`].
-    fn families(&self) -> Arc<(String, Vec<metrics::Family>)> {
+    fn families(&self) -> Families {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         match &*last {
             Some((at, reading)) if at.elapsed() < READING_TTL => reading.clone(),

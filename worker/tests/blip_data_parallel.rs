@@ -14,14 +14,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use braid::collective::{RingCollective, RingListener};
 use braid::models::blip::{Blip, BlipConfig, BlipTokens};
 use braid::trainer::blip::{lm_loss_sum, lm_targets, with_first_token, DrawnNegatives};
 use braid::trainer::{seeded, DeviceBatch, ModelSpec, Trainer};
 use braid_coordinator::config::JobConfig;
-use common::{max_relative_difference, on_ring_ranks};
+use common::{max_relative_difference, on_ring_ranks, trained_and_restored};
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 16;
@@ -286,20 +284,11 @@ fn the_model_spec_takes_blip_tokens_from_the_tokenizer() {
 
 #[test]
 fn a_restored_state_continues_exactly() {
-    // Train 6 steps (the queues wrap), save the state, restore it into a fresh trainer (a
-    // checkpoint resume, the live-recovery broadcast), then train both 4 more steps.
+    // Train 6 steps (the queues wrap), restore the state into a fresh trainer, then train both
+    // 4 more steps.
     let config = job("global");
-    let (listener, endpoint) = RingListener::bind("127.0.0.1:0").unwrap();
-    let mut coll = RingCollective::connect(listener, 0, 1, &[endpoint], 1, Duration::from_secs(60)).unwrap();
-    let mut trainer = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
-    for step in 0..6 {
-        trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
-    }
-    let saved: Vec<(String, Tensor)> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
-    let mut restored = Trainer::new(&config, spec(&config), Device::Cpu).unwrap();
-    assert_ne!(restored.replica_digest(), trainer.replica_digest());
-    restored.load_state(saved, "the saved state").unwrap();
-    assert_eq!(restored.replica_digest(), trainer.replica_digest(), "the restored state hashes like the original");
+    let (mut trainer, mut restored, mut coll) =
+        trained_and_restored(|| Trainer::new(&config, spec(&config), Device::Cpu).unwrap(), global_batch, 6);
     for step in 6..10 {
         let a = trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
         let b = restored.train_step(step, &global_batch(step), &mut coll).unwrap();

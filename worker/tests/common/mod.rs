@@ -56,3 +56,26 @@ pub fn max_relative_difference(a: &HashMap<String, Tensor>, b: &HashMap<String, 
     }
     worst
 }
+
+/// Trains a trainer from `make` for `steps` steps of `batch(step)` on one rank, then restores
+/// its state into a fresh trainer from `make` (the path of a checkpoint resume and of the
+/// live-recovery broadcast) and checks the two hash alike. Returns both and the rank's ring.
+pub fn trained_and_restored(
+    make: impl Fn() -> braid::trainer::Trainer,
+    batch: impl Fn(u64) -> braid::trainer::DeviceBatch,
+    steps: u64,
+) -> (braid::trainer::Trainer, braid::trainer::Trainer, RingCollective) {
+    let (listener, endpoint) = RingListener::bind("127.0.0.1:0").unwrap();
+    let mut coll = RingCollective::connect(listener, 0, 1, &[endpoint], 1, Duration::from_secs(60)).unwrap();
+    let mut trainer = make();
+    for step in 0..steps {
+        trainer.train_step(step, &batch(step), &mut coll).unwrap();
+    }
+    let saved: Vec<(String, Tensor)> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    assert!(saved.iter().any(|(n, _)| n.starts_with("momentum.")) && saved.iter().any(|(n, _)| n == "queue.text.pointer"));
+    let mut restored = make();
+    assert_ne!(restored.replica_digest(), trainer.replica_digest());
+    restored.load_state(saved, "the saved state").unwrap();
+    assert_eq!(restored.replica_digest(), trainer.replica_digest(), "the restored state hashes like the original");
+    (trainer, restored, coll)
+}
