@@ -114,7 +114,10 @@ impl Scenario {
     }
 }
 
-/// Every ledger line of every worker in `folder` (none before the first worker created it).
+/// Every complete ledger line of every worker in `folder` (none before the first worker
+/// created it). A line is complete once its newline is written: a worker killed by SIGKILL can
+/// stop inside a write (Linux ends a write at a page boundary when a fatal signal is pending),
+/// and a running worker may be writing one now; that torn last line is not a record.
 fn ledger_lines(folder: &Path) -> Vec<Value> {
     let mut lines = Vec::new();
     if !folder.exists() {
@@ -123,7 +126,8 @@ fn ledger_lines(folder: &Path) -> Vec<Value> {
     for entry in std::fs::read_dir(folder).unwrap_or_else(|e| panic!("reading ledger folder {}: {e}", folder.display())) {
         let path = entry.expect("ledger entry").path();
         let text = std::fs::read_to_string(&path).expect("ledger file");
-        lines.extend(text.lines().filter(|l| !l.trim().is_empty()).map(|l| {
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        lines.extend(complete.lines().filter(|l| !l.trim().is_empty()).map(|l| {
             serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{}: bad ledger line {l:?}: {e}", path.display()))
         }));
     }

@@ -57,7 +57,8 @@ impl Ledger {
 
     fn write(&mut self, entry: Entry<'_>) {
         let line = serde_json::to_string(&entry).expect("ledger entries serialise");
-        // Flushed per line: a worker killed right after contributing leaves its line behind.
+        // Flushed per line: a worker killed right after contributing leaves its line behind. A
+        // worker killed inside the write can leave a torn last line (no newline): readers skip it.
         let result = writeln!(self.out, "{line}").and_then(|()| self.out.flush());
         if let Err(e) = result {
             tracing::warn!("sample ledger {}: {e}", self.path.display());
