@@ -21,6 +21,14 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
 fi
 torch_dir=$(.venv/bin/python -c "import os, torch; print(os.path.dirname(torch.__file__))")
 ln -sfn "$torch_dir" .venv/torch
+# CUDA builds of torch bring the CUDA runtime headers without their crt/ folder, which libtorch's
+# CUDA headers include (braid's CUDA-graph shim is built against them): the nvidia-cuda-crt wheel
+# of the same CUDA version adds it (about 1 MB).
+cuda_version=$(.venv/bin/python -c "import torch; print(torch.version.cuda or '')")
+if [[ -n "$cuda_version" ]] && ! compgen -G "$torch_dir/../nvidia/*/include/crt/host_config.h" >/dev/null; then
+  echo "setup: installing the CUDA $cuda_version compiler-runtime headers (nvidia-cuda-crt)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps "nvidia-cuda-crt==$cuda_version.*"
+fi
 
 if [[ "${1:-}" == "--test" ]]; then
   # Debian packages the tests drive: `ip` (the partition test cuts a worker off inside a network

@@ -57,6 +57,8 @@ pub struct BenchOptions {
     pub record_losses: bool,
     /// Recompute each transformer block's activations in the backward pass.
     pub activation_checkpointing: bool,
+    /// Capture the step as a CUDA graph and time its replays (`train.cuda_graph`).
+    pub cuda_graph: bool,
     /// Where to write a profiler trace of a few extra steps, if anywhere.
     pub trace: Option<std::path::PathBuf>,
     /// Reference weights to start from (as `[model] init_from` takes them), instead of braid's
@@ -96,10 +98,14 @@ pub struct BenchReport {
     pub mfu: Option<f64>,
     /// Peak device memory in bytes (CUDA only).
     pub peak_memory_bytes: Option<u64>,
-    /// Median seconds of the update alone (clipping, AdamW, logit-scale clamp).
-    pub update_seconds: f64,
+    /// Median seconds of the update alone (clipping, AdamW, logit-scale clamp), on the CPU
+    /// (on a GPU, timing it would need a wait for the device inside the step).
+    pub update_seconds: Option<f64>,
     /// Whether the transformer blocks' activations were recomputed in the backward pass.
     pub activation_checkpointing: bool,
+    /// Whether the timed steps were replays of a captured CUDA graph (false when asked for but
+    /// the capture failed: the log says why).
+    pub cuda_graph: bool,
     /// Loss of every timed step, when asked for (to compare precisions).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub losses: Option<Vec<f64>>,
@@ -180,13 +186,14 @@ fn bench_config(options: &BenchOptions, queue_size: Option<usize>) -> Result<Job
     let queue = queue_size.map_or(String::new(), |q| format!("queue_size = {q}\n"));
     let text = format!(
         "[job]\nname = \"bench\"\n[model]\nfamily = \"{}\"\npreset = \"{}\"\n{queue}[data]\ntrain = \"unused\"\n\
-         [train]\nglobal_batch = {}\nsteps = {}\nprecision = \"{}\"\nwarmup_steps = 1\nactivation_checkpointing = {}\n",
+         [train]\nglobal_batch = {}\nsteps = {}\nprecision = \"{}\"\nwarmup_steps = 1\nactivation_checkpointing = {}\ncuda_graph = {}\n",
         options.family,
         options.preset,
         options.batch,
         options.steps + options.warmup + TRACED_STEPS,
         options.precision,
-        options.activation_checkpointing
+        options.activation_checkpointing,
+        options.cuda_graph
     );
     let config = JobConfig::parse(&text, "bench").and_then(|c| c.validate("bench options").map(|()| c));
     config.map_err(|e| TrainError::State { origin: "bench options".into(), reason: e.to_string() })
@@ -402,20 +409,26 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         trainer.train_step(step as u64, &batch, &mut coll)?;
     }
     sync();
+    // The update is timed apart only on the CPU: on a GPU that needs a wait for the device
+    // between backward and update, which would stall the step being measured.
+    let time_update = !device.is_cuda();
     let mut times = Vec::with_capacity(options.steps);
     let mut update_times = Vec::with_capacity(options.steps);
     let mut losses = Vec::with_capacity(options.steps);
     let mut loss_terms = Vec::new();
     let mut cpu_times = Vec::with_capacity(options.steps);
+    let mut captured = true;
     for step in 0..options.steps {
         let cpu0 = process_cpu_seconds();
         let t0 = Instant::now();
         let mut t1 = t0;
         as_step(&mut batch, options.warmup + step);
         let stats = trainer.train_step_with((options.warmup + step) as u64, &batch, &mut coll, || {
-            sync();
-            t1 = Instant::now();
+            if time_update {
+                t1 = Instant::now();
+            }
         })?;
+        captured &= trainer.step_is_captured();
         sync();
         times.push(t0.elapsed().as_secs_f64());
         cpu_times.push(process_cpu_seconds() - cpu0);
@@ -454,8 +467,9 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         mfu: options.peak_tflops.map(|peak| tflops / peak),
         peak_memory_bytes: None,
         losses: options.record_losses.then_some(losses),
-        update_seconds: update_times[update_times.len() / 2],
+        update_seconds: time_update.then(|| update_times[update_times.len() / 2]),
         activation_checkpointing: options.activation_checkpointing,
+        cuda_graph: options.cuda_graph && captured,
         loss_terms,
         cpu_seconds: momentum_shape.map(|_| cpu_times[cpu_times.len() / 2]),
         momentum_shape,
@@ -481,15 +495,16 @@ impl std::fmt::Display for BenchReport {
         let family = if is_clip(&self.family) { String::new() } else { format!("{} ", self.family) };
         write!(
             f,
-            "{} {family}{} batch {} on {} ({}, {} threads): {:.2} ms/step ({:.2} ms update), {:.1} samples/s, {:.0} tokens/s, {:.2} TFLOP/s",
+            "{} {family}{} batch {} on {} ({}, {} threads{}): {:.2} ms/step{}, {:.1} samples/s, {:.0} tokens/s, {:.2} TFLOP/s",
             self.r#impl,
             self.preset,
             self.batch,
             self.device,
             self.precision,
             self.threads,
+            if self.cuda_graph { ", CUDA graph" } else { "" },
             1e3 * self.step_seconds,
-            1e3 * self.update_seconds,
+            self.update_seconds.map_or(String::new(), |u| format!(" ({:.2} ms update)", 1e3 * u)),
             self.samples_per_second,
             self.tokens_per_second,
             self.tflops

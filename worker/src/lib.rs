@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod collective;
+pub mod cuda_graph;
 pub mod data;
 pub mod deploy;
 pub mod devicecheck;

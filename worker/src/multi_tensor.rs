@@ -21,12 +21,13 @@ mod ffi {
             step: Handle,
             n: i64,
             lr: f64,
+            lr_tensor: Handle,
             beta1: f64,
             beta2: f64,
             weight_decay: f64,
             eps: f64,
         ) -> *mut c_char;
-        pub fn braid_clip_grad_norm(grads: *const Handle, n: i64, max_norm: f64, norm: *mut f64) -> *mut c_char;
+        pub fn braid_clip_grad_norm(grads: *const Handle, n: i64, max_norm: f64, norm: *mut Handle) -> *mut c_char;
         pub fn braid_foreach_zero(tensors: *const Handle, n: i64) -> *mut c_char;
         pub fn braid_foreach_lerp(tensors: *const Handle, ends: *const Handle, n: i64, weight: f64) -> *mut c_char;
         pub fn braid_free_error(message: *mut c_char);
@@ -58,11 +59,21 @@ fn handles(tensors: &[Tensor]) -> Vec<Handle> {
     tensors.iter().map(|t| t.as_ptr() as Handle).collect()
 }
 
+/// Where a fused AdamW update reads its learning rate.
+#[derive(Debug, Clone, Copy)]
+pub enum LearningRate<'a> {
+    /// A value fixed at the call.
+    Value(f64),
+    /// A float32 scalar on the parameters' device, read by the kernel when it runs (so a
+    /// captured CUDA graph takes each step's rate).
+    OnDevice(&'a Tensor),
+}
+
 /// Hyperparameters of one fused AdamW update.
 #[derive(Debug, Clone, Copy)]
-pub struct AdamWStep {
+pub struct AdamWStep<'a> {
     /// Learning rate.
-    pub lr: f64,
+    pub lr: LearningRate<'a>,
     /// First-moment decay.
     pub beta1: f64,
     /// Second-moment decay.
@@ -81,12 +92,17 @@ pub fn fused_adamw(
     exp_avgs: &[Tensor],
     exp_avg_sqs: &[Tensor],
     step: &Tensor,
-    h: AdamWStep,
+    h: AdamWStep<'_>,
 ) -> Result<(), KernelError> {
     let n = params.len();
     assert!(grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n, "fused AdamW lists differ in length");
     let (p, g, m, v) = (handles(params), handles(grads), handles(exp_avgs), handles(exp_avg_sqs));
-    // SAFETY: every handle points at a live tensor owned by the slices above for the whole call.
+    let (lr, lr_tensor) = match h.lr {
+        LearningRate::Value(lr) => (lr, std::ptr::null_mut()),
+        LearningRate::OnDevice(t) => (f64::NAN, t.as_ptr() as Handle),
+    };
+    // SAFETY: every handle points at a live tensor owned by the slices above (or by `h`) for the
+    // whole call; a null `lr_tensor` means "use `lr`".
     let message = unsafe {
         ffi::braid_fused_adamw(
             p.as_ptr(),
@@ -95,7 +111,8 @@ pub fn fused_adamw(
             v.as_ptr(),
             step.as_ptr() as Handle,
             n as i64,
-            h.lr,
+            lr,
+            lr_tensor,
             h.beta1,
             h.beta2,
             h.weight_decay,
@@ -105,15 +122,20 @@ pub fn fused_adamw(
     check("fused AdamW", message)
 }
 
-/// The global L2 norm of `grads`; when `max_norm > 0` and the norm exceeds it, scales every
-/// gradient in place by `max_norm / (norm + 1e-6)`. Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<f64, KernelError> {
+/// The global L2 norm of `grads` (accumulated in float64) as a scalar on their device; when
+/// `max_norm > 0`, scales every gradient in place by `min(1, max_norm / (norm + 1e-6))` as
+/// `torch.nn.utils.clip_grad_norm_` does. Nothing waits for the device: read the norm when the
+/// step is done.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<Tensor, KernelError> {
     let g = handles(grads);
-    let mut norm = 0.0f64;
-    // SAFETY: handles point at live tensors; `norm` outlives the call.
+    let mut norm: Handle = std::ptr::null_mut();
+    // SAFETY: handles point at live tensors; `norm` receives a tensor the shim allocated with
+    // `new`, which the returned `Tensor` owns and frees.
     let message = unsafe { ffi::braid_clip_grad_norm(g.as_ptr(), g.len() as i64, max_norm, &mut norm) };
     check("clip grad norm", message)?;
-    Ok(norm)
+    assert!(!norm.is_null(), "the clip shim returned no norm");
+    // SAFETY: a non-null pointer to a heap `torch::Tensor`, as tch's own handles are.
+    Ok(unsafe { Tensor::from_ptr(norm as *mut _) })
 }
 
 /// Zeroes every tensor in place.

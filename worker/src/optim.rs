@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::multi_tensor::{self, AdamWStep, KernelError};
+use crate::multi_tensor::{self, AdamWStep, KernelError, LearningRate};
 
 /// AdamW hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,6 +37,12 @@ pub struct AdamW {
     step: u64,
     /// The step number as a float32 scalar on the parameters' device (the fused kernel reads it).
     step_tensor: Tensor,
+    /// The learning rate of the step being taken.
+    lr: f64,
+    /// On CUDA, the learning rate as a float32 scalar on the device, which the fused kernel
+    /// reads when it runs (a captured step then takes each step's rate); on the CPU the kernel
+    /// takes `lr` as a value.
+    lr_tensor: Option<Tensor>,
 }
 
 /// Whether a parameter gets weight decay: not norms, biases, embeddings or the logit scale.
@@ -60,7 +66,8 @@ impl AdamW {
             })
             .collect::<Vec<Slot>>();
         materialize_grads(slots.iter().map(|s| &s.param));
-        Self { slots, config, step: 0, step_tensor: Tensor::zeros([], (Kind::Float, device)) }
+        let lr_tensor = device.is_cuda().then(|| Tensor::zeros([], (Kind::Float, device)));
+        Self { slots, config, step: 0, step_tensor: Tensor::zeros([], (Kind::Float, device)), lr: 0.0, lr_tensor }
     }
 
     /// Steps taken so far.
@@ -85,9 +92,29 @@ impl AdamW {
 
     /// One AdamW update at learning rate `lr`.
     pub fn step(&mut self, lr: f64) -> Result<(), KernelError> {
+        self.begin_step(lr);
+        self.apply()
+    }
+
+    /// Counts a step at learning rate `lr` and sets the step number and rate the update kernels
+    /// read; [`AdamW::apply`] then updates the parameters (the two are apart so that a captured
+    /// step can hold the update while the host sets each step's values).
+    pub fn begin_step(&mut self, lr: f64) {
         self.step += 1;
+        self.lr = lr;
         let _ = self.step_tensor.fill_(self.step as f64);
+        if let Some(t) = &mut self.lr_tensor {
+            let _ = t.fill_(lr);
+        }
+    }
+
+    /// The AdamW update of the step [`AdamW::begin_step`] began, with each parameter's gradient.
+    pub fn apply(&self) -> Result<(), KernelError> {
         let c = self.config;
+        let lr = match &self.lr_tensor {
+            Some(t) => LearningRate::OnDevice(t),
+            None => LearningRate::Value(self.lr),
+        };
         for decay in [true, false] {
             let group: Vec<&Slot> = self.slots.iter().filter(|s| s.decay == decay).collect();
             let pick = |f: fn(&Slot) -> Tensor| group.iter().map(|s| f(s)).collect::<Vec<Tensor>>();
@@ -162,8 +189,9 @@ pub fn cosine_lr(step: u64, total: u64, warmup: u64, peak: f64, min_lr: f64) -> 
 }
 
 /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping. `max_norm <= 0` only measures.
-pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<f64, KernelError> {
+/// clipping as a float64 scalar on the gradients' device (read it once the step is done).
+/// `max_norm <= 0` only measures.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<Tensor, KernelError> {
     tch::no_grad(|| multi_tensor::clip_grad_norm(grads, max_norm))
 }
 
@@ -189,6 +217,29 @@ mod tests {
         assert!(!takes_weight_decay("token_embedding.weight", &m));
         assert!(!takes_weight_decay("positional_embedding", &m));
         assert!(!takes_weight_decay("logit_scale", &Tensor::from(1.0f32)));
+    }
+
+    /// The global norm over every gradient, and the scale `min(1, max_norm / (norm + 1e-6))` of
+    /// `torch.nn.utils.clip_grad_norm_`, applied on the device; below the bound the gradients are
+    /// left exactly as they were.
+    #[test]
+    fn clipping_matches_the_formula() {
+        let grads = || [Tensor::from_slice(&[3.0f64, 4.0]), Tensor::from_slice(&[12.0f64])];
+        let clipped = grads();
+        let norm = f64::try_from(clip_grad_norm(&clipped, 6.5).unwrap()).unwrap();
+        assert_eq!(norm, 13.0);
+        let coef = 6.5 / (13.0 + 1e-6);
+        let got: Vec<f64> = Vec::try_from(Tensor::cat(&clipped, 0)).unwrap();
+        for (g, want) in got.iter().zip([3.0 * coef, 4.0 * coef, 12.0 * coef]) {
+            assert!((g - want).abs() < 1e-15, "{got:?}");
+        }
+        let kept = grads();
+        let norm = f64::try_from(clip_grad_norm(&kept, 100.0).unwrap()).unwrap();
+        assert_eq!(norm, 13.0);
+        assert_eq!(Vec::<f64>::try_from(Tensor::cat(&kept, 0)).unwrap(), [3.0, 4.0, 12.0]);
+        let measured = grads();
+        assert_eq!(f64::try_from(clip_grad_norm(&measured, 0.0).unwrap()).unwrap(), 13.0);
+        assert_eq!(Vec::<f64>::try_from(Tensor::cat(&measured, 0)).unwrap(), [3.0, 4.0, 12.0]);
     }
 
     /// Two steps against the AdamW formula written out by hand.

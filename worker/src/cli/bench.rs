@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Recompute each transformer block's activations in the backward pass (less memory).
     #[arg(long)]
     activation_checkpointing: bool,
+    /// Capture the step as a CUDA graph after two eager steps and time its replays (CLIP on a
+    /// CUDA device; as `[train] cuda_graph`).
+    #[arg(long)]
+    cuda_graph: bool,
     /// After the timed steps, profile 3 more with libtorch's profiler and write a Chrome trace
     /// here (summarise it with bench/trace_summary.py, or open it in Perfetto).
     #[arg(long)]
@@ -98,6 +102,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if clip && (args.context_length.is_some() || args.queue_size.is_some()) {
         anyhow::bail!("--context-length and --queue-size apply to --family albef and blip, not clip");
     }
+    if args.cuda_graph && (!clip || !matches!(device, tch::Device::Cuda(_))) {
+        anyhow::bail!("--cuda-graph captures CLIP steps on a CUDA device (--family clip --device cuda)");
+    }
     let vocab_size = args.vocab_size.unwrap_or(match args.family.as_str() {
         "clip" => 49408,
         "blip" => 30524,
@@ -118,6 +125,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         peak_tflops,
         record_losses: args.losses,
         activation_checkpointing: args.activation_checkpointing,
+        cuda_graph: args.cuda_graph,
         trace: args.trace,
         init_from: args.init_from,
     })?;

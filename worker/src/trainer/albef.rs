@@ -214,7 +214,7 @@ impl Family for AlbefFamily {
 
         self.momentum.enqueue_after_update(&gathered, world);
         let parts = vec![("itc", itc.detach()), ("itm", itm.detach()), ("mlm", mlm.detach())];
-        Ok(LossShare { total: total.detach(), parts, samples: gathered.n_valid as u64 })
+        Ok(LossShare { total: total.detach(), parts })
     }
 
     fn after_update(&mut self) -> Result<(), TrainError> {
@@ -222,8 +222,8 @@ impl Family for AlbefFamily {
         self.momentum.after_update()
     }
 
-    fn logit_scale(&self) -> f64 {
-        1.0 / self.model.heads.temp.double_value(&[])
+    fn logit_scale(&self) -> Tensor {
+        self.model.heads.temp.detach().reciprocal()
     }
 
     fn extra_state(&self) -> Vec<(String, Tensor)> {

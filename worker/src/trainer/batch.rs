@@ -82,6 +82,37 @@ impl DeviceBatch {
         }
     }
 
+    /// A copy whose device tensors are new storage (the fixed inputs of a captured step); the
+    /// host tensors are shared.
+    pub fn to_owned_copy(&self) -> DeviceBatch {
+        DeviceBatch {
+            images: self.images.copy(),
+            tokens: self.tokens.copy(),
+            eot_index: self.eot_index.copy(),
+            valid: self.valid.copy(),
+            word_ids: self.word_ids.as_ref().map(|w| w.shallow_clone()),
+            positions: self.positions.shallow_clone(),
+        }
+    }
+
+    /// Whether `other` has this batch's device, kinds and shapes (so it can be copied in).
+    pub fn same_layout(&self, other: &DeviceBatch) -> bool {
+        let layout = |t: &Tensor| (t.size(), t.kind(), t.device());
+        [(&self.images, &other.images), (&self.tokens, &other.tokens), (&self.eot_index, &other.eot_index), (&self.valid, &other.valid)]
+            .iter()
+            .all(|(a, b)| layout(a) == layout(b))
+    }
+
+    /// Copies `other`'s device tensors into this batch's storage (same layout) and takes its
+    /// host tensors.
+    pub fn copy_from(&mut self, other: &DeviceBatch) {
+        for (dst, src) in [(&mut self.images, &other.images), (&mut self.tokens, &other.tokens), (&mut self.eot_index, &other.eot_index), (&mut self.valid, &other.valid)] {
+            dst.copy_(src);
+        }
+        self.word_ids = other.word_ids.as_ref().map(|w| w.shallow_clone());
+        self.positions = other.positions.shallow_clone();
+    }
+
     /// `[B, context]` int64 on the batch's device: 1 up to and including each caption's last
     /// token (`eot_index`), 0 for the padding after it (a BERT-style encoder's attention mask).
     pub fn attention_mask(&self) -> Tensor {

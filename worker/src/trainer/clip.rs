@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use braid_coordinator::config::JobConfig;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
 use super::{compute_kind, seeded, DeviceBatch, Family, LossShare, Precision, TrainError};
 use crate::collective::Collective;
@@ -110,10 +110,9 @@ impl Family for ClipFamily {
                 }
             }
         }
-        let samples = valid_all.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as u64;
         // CLIP's loss is its one objective, reported under its name like the other families' terms.
         let total = loss.detach();
-        Ok(LossShare { parts: vec![("itc", total.shallow_clone())], total, samples })
+        Ok(LossShare { parts: vec![("itc", total.shallow_clone())], total })
     }
 
     fn after_update(&mut self) -> Result<(), TrainError> {
@@ -121,8 +120,8 @@ impl Family for ClipFamily {
         Ok(())
     }
 
-    fn logit_scale(&self) -> f64 {
-        self.model.logit_scale.exp().double_value(&[])
+    fn logit_scale(&self) -> Tensor {
+        self.model.logit_scale.detach().exp()
     }
 
     fn extra_state(&self) -> Vec<(String, Tensor)> {

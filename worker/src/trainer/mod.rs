@@ -21,6 +21,7 @@ use tch::{nn, Device, Kind, Tensor};
 pub use batch::{attention_mask, DeviceBatch};
 
 use crate::collective::{all_reduce_buckets, Collective, CollectiveError, ReducePrecision};
+use crate::cuda_graph::CudaGraph;
 use crate::data::mlm::MaskingVocab;
 use crate::data::tokenizer::TextTokenizer;
 use crate::models::albef::AlbefConfig;
@@ -272,8 +273,9 @@ pub(crate) trait Family: Send {
     /// Runs after the optimizer update of every step.
     fn after_update(&mut self) -> Result<(), TrainError>;
 
-    /// The contrastive logit scale now: `exp(s)` (CLIP) or `1 / temperature` (ALBEF, BLIP).
-    fn logit_scale(&self) -> f64;
+    /// The contrastive logit scale now, a scalar on the model's device: `exp(s)` (CLIP) or
+    /// `1 / temperature` (ALBEF, BLIP).
+    fn logit_scale(&self) -> Tensor;
 
     /// State besides parameters and optimizer moments (momentum encoders, queues), named
     /// `momentum.*` / `queue.*`; shallow tensors.
@@ -296,17 +298,58 @@ pub(crate) trait Family: Send {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
-/// Global-batch values of a loss's named terms.
-type LossParts = Vec<(&'static str, f64)>;
-
 /// This rank's share of a step's loss.
 pub(crate) struct LossShare {
     /// The share of the total loss (a scalar tensor, detached).
     pub total: Tensor,
     /// The shares of the loss's terms (`itc`, `itm`, `mlm`, ...), same kind.
     pub parts: Vec<(&'static str, Tensor)>,
-    /// Valid samples in the global batch.
-    pub samples: u64,
+}
+
+/// How the trainer issues a step's work on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepCapture {
+    /// Every step's kernels are issued as the step runs.
+    Eager,
+    /// After [`CAPTURE_AFTER_STEPS`] eager steps the step is captured as a CUDA graph and
+    /// replayed (`train.cuda_graph`): every step copies its batch into the captured inputs.
+    CudaGraph,
+    /// The captured step's data flow without a graph: every step copies its batch into fixed
+    /// inputs and runs the step's work again on them. What `CudaGraph` does, runnable on the
+    /// CPU (tests) and on a GPU to tell a capture problem from a data-flow one.
+    Rerun,
+}
+
+/// Eager steps a trainer takes before capturing its step: the libraries set up their
+/// workspaces, plans and autotuned kernels in them, outside the capture.
+pub const CAPTURE_AFTER_STEPS: u64 = 2;
+
+/// A captured step: the graph, the fixed inputs it reads and the values it writes.
+struct CapturedStep {
+    /// None for [`StepCapture::Rerun`].
+    graph: Option<CudaGraph>,
+    inputs: DeviceBatch,
+    /// The step's results as [`Trainer::step_values`] lays them out (written by each replay).
+    values: Tensor,
+    /// The names of the loss's terms.
+    terms: Vec<&'static str>,
+}
+
+/// Where a trainer with a capture mode stands.
+enum CaptureState {
+    /// Eager steps taken since the trainer could capture (or since the last capture was dropped).
+    WarmingUp(u64),
+    /// The captured step.
+    Captured(CapturedStep),
+    /// This trainer's steps run eagerly (capture off, not applicable, or failed).
+    Off,
+}
+
+/// A step's loss shares summed over ranks, still on the device: `[total, terms..., samples]`
+/// in the gradients' kind.
+struct ReducedShares {
+    values: Tensor,
+    terms: Vec<&'static str>,
 }
 
 /// A model with its optimizer, trained data-parallel.
@@ -325,6 +368,11 @@ pub struct Trainer {
     bucket_bytes: usize,
     /// Dtype of the gradients on the wire (`cluster.reduce_precision`).
     reduce_precision: ReducePrecision,
+    /// How steps are issued (`train.cuda_graph`).
+    capture: StepCapture,
+    capture_state: CaptureState,
+    /// Why the last step ran eagerly although a capture mode is set (logged when it changes).
+    capture_declined: Option<String>,
 }
 
 /// Runs `f` with libtorch's global generator seeded with `seed`, holding a lock so that
@@ -384,7 +432,22 @@ impl Trainer {
             grad_clip: t.grad_clip,
             bucket_bytes: config.cluster.bucket_bytes(),
             reduce_precision: ReducePrecision::parse(&config.cluster.reduce_precision).expect("validated reduce_precision"),
+            capture: if t.cuda_graph { StepCapture::CudaGraph } else { StepCapture::Eager },
+            capture_state: if t.cuda_graph { CaptureState::WarmingUp(0) } else { CaptureState::Off },
+            capture_declined: None,
         })
+    }
+
+    /// Sets how steps are issued from the next step on (a captured step is dropped).
+    pub fn set_step_capture(&mut self, capture: StepCapture) {
+        self.capture = capture;
+        self.capture_state = if capture == StepCapture::Eager { CaptureState::Off } else { CaptureState::WarmingUp(0) };
+        self.capture_declined = None;
+    }
+
+    /// Whether the last step ran from a captured step (a CUDA graph, or its rerun stand-in).
+    pub fn step_is_captured(&self) -> bool {
+        matches!(self.capture_state, CaptureState::Captured(_))
     }
 
     /// The model's shape.
@@ -440,8 +503,12 @@ impl Trainer {
         self.train_step_with(step, batch, coll, || ())
     }
 
-    /// [`Trainer::train_step`], calling `before_update` between the backward pass and the
-    /// optimizer update (where a checkpoint's host copy of the state must be complete).
+    /// [`Trainer::train_step`], calling `before_update` before anything modifies the
+    /// parameters (where a checkpoint's host copy of the state must be complete): between the
+    /// backward pass and the optimizer update, or before a captured step's replay.
+    ///
+    /// The step's kernels are issued without waiting for the device; its results are read in
+    /// one copy at the end.
     pub fn train_step_with(
         &mut self,
         step: u64,
@@ -449,50 +516,189 @@ impl Trainer {
         coll: &mut dyn Collective,
         before_update: impl FnOnce(),
     ) -> Result<StepStats, TrainError> {
-        let (loss, samples, parts) = self.compute_gradients_with_parts(step, batch, coll)?;
+        if self.capture != StepCapture::Eager {
+            match self.capture_declined_for(batch, coll.world_size()) {
+                None => return self.captured_step(step, batch, coll, before_update),
+                Some(reason) => self.decline_capture(reason),
+            }
+        }
+        let lr = self.lr_at(step);
+        let shares = self.reduce_gradients(step, batch, coll)?;
         // A collective that failed after its call returned (NCCL's watchdog) must stop the step
         // before the update: the parameters then still hold the previous step.
         coll.check()?;
         before_update();
-        let (grad_norm, lr) = tracing::info_span!("optimizer").in_scope(|| self.apply_update(step))?;
-        Ok(StepStats { loss, grad_norm, lr, logit_scale: self.family.logit_scale(), samples, parts })
+        let values = tracing::info_span!("optimizer").in_scope(|| -> Result<Tensor, TrainError> {
+            self.optimizer.begin_step(lr);
+            let grad_norm = self.update()?;
+            Ok(self.step_values(&shares, &grad_norm))
+        })?;
+        read_stats(&values, &shares.terms, lr)
     }
 
-    /// Clips the reduced gradients, takes the AdamW step at step `step`'s learning rate, then
+    /// Learning rate of step `step` (0-based) on the job's schedule.
+    fn lr_at(&self, step: u64) -> f64 {
+        cosine_lr(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr)
+    }
+
+    /// Clips the reduced gradients, applies the AdamW update [`AdamW::begin_step`] began, then
     /// the family's after-update work (clamps, momentum encoders, queues). Returns the gradient
-    /// norm before clipping and the learning rate.
-    pub fn apply_update(&mut self, step: u64) -> Result<(f64, f64), TrainError> {
+    /// norm before clipping, on the device.
+    fn update(&mut self) -> Result<Tensor, TrainError> {
         let grad_norm = clip_grad_norm(&self.optimizer.grads(), self.grad_clip)?;
-        let lr = cosine_lr(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr);
-        self.optimizer.step(lr)?;
+        self.optimizer.apply()?;
         self.family.after_update()?;
-        Ok((grad_norm, lr))
+        Ok(grad_norm)
+    }
+
+    /// A step's results on the device, to read in one copy: `[total loss, terms..., samples,
+    /// grad norm, logit scale]` as float64.
+    fn step_values(&self, shares: &ReducedShares, grad_norm: &Tensor) -> Tensor {
+        let scalar = |t: &Tensor| t.detach().to_kind(Kind::Double).reshape([1]);
+        Tensor::cat(&[shares.values.to_kind(Kind::Double), scalar(grad_norm), scalar(&self.family.logit_scale())], 0)
+    }
+
+    /// Forward, backward, gradient all-reduce and update of one step, issued without waiting
+    /// for the device: what a captured step holds. Returns [`Trainer::step_values`].
+    fn step_work(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<(Tensor, Vec<&'static str>), TrainError> {
+        let shares = self.reduce_gradients(step, batch, coll)?;
+        let grad_norm = self.update()?;
+        Ok((self.step_values(&shares, &grad_norm), shares.terms))
+    }
+
+    /// Why this step cannot run from a captured step, if it cannot.
+    fn capture_declined_for(&self, batch: &DeviceBatch, world_size: usize) -> Option<String> {
+        if !matches!(self.spec, ModelSpec::Clip(_)) {
+            return Some(format!("train.cuda_graph captures CLIP steps; {} steps run eagerly", self.spec.family()));
+        }
+        if world_size != 1 {
+            return Some(format!(
+                "train.cuda_graph captures one-worker steps (collectives between workers are not captured); with {world_size} workers steps run eagerly"
+            ));
+        }
+        if self.capture == StepCapture::CudaGraph {
+            if !self.device.is_cuda() {
+                return Some(format!("train.cuda_graph needs a CUDA device; on {:?} steps run eagerly", self.device));
+            }
+            if !CudaGraph::built() {
+                return Some("train.cuda_graph: this build of braid has no CUDA graphs (libtorch without CUDA); steps run eagerly".into());
+            }
+        }
+        if let CaptureState::Captured(captured) = &self.capture_state {
+            if !captured.inputs.same_layout(batch) {
+                return Some("the batch's shape changed; the captured step is dropped and captured again".into());
+            }
+        }
+        None
+    }
+
+    /// Runs this step eagerly for `reason`, logging it when it is new, and counts eager steps
+    /// again from this one, so that a step that can be captured later is.
+    fn decline_capture(&mut self, reason: String) {
+        if self.capture_declined.as_ref() != Some(&reason) {
+            tracing::warn!("{reason}");
+            self.capture_declined = Some(reason);
+        }
+        if !matches!(self.capture_state, CaptureState::Off) {
+            self.capture_state = CaptureState::WarmingUp(1);
+        }
+    }
+
+    /// A step through the captured step: warming up, capturing, then replaying.
+    fn captured_step(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective, before_update: impl FnOnce()) -> Result<StepStats, TrainError> {
+        self.capture_declined = None;
+        if let CaptureState::WarmingUp(done) = self.capture_state {
+            if done < CAPTURE_AFTER_STEPS {
+                self.capture_state = CaptureState::WarmingUp(done + 1);
+                return self.eager_step(step, batch, coll, before_update);
+            }
+            match self.capture_step(step, batch, coll) {
+                Ok(captured) => self.capture_state = CaptureState::Captured(captured),
+                Err(e) => {
+                    tracing::warn!(step, "capturing the step as a CUDA graph failed; steps run eagerly: {e}");
+                    self.capture_state = CaptureState::Off;
+                    return self.eager_step(step, batch, coll, before_update);
+                }
+            }
+        }
+        let CaptureState::Captured(mut captured) = std::mem::replace(&mut self.capture_state, CaptureState::Off) else {
+            return self.eager_step(step, batch, coll, before_update);
+        };
+        let lr = self.lr_at(step);
+        let outcome = (|| {
+            captured.inputs.copy_from(batch);
+            before_update();
+            self.optimizer.begin_step(lr);
+            match &captured.graph {
+                Some(graph) => {
+                    let _replay = tracing::info_span!("replay").entered();
+                    graph.replay()?;
+                    read_stats(&captured.values, &captured.terms, lr)
+                }
+                None => {
+                    let (values, terms) = self.step_work(step, &captured.inputs, coll)?;
+                    read_stats(&values, &terms, lr)
+                }
+            }
+        })();
+        self.capture_state = CaptureState::Captured(captured);
+        outcome
+    }
+
+    /// An eager step while a capture mode is set (the same step as with capture off).
+    fn eager_step(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective, before_update: impl FnOnce()) -> Result<StepStats, TrainError> {
+        let capture = std::mem::replace(&mut self.capture, StepCapture::Eager);
+        let result = self.train_step_with(step, batch, coll, before_update);
+        self.capture = capture;
+        result
+    }
+
+    /// Captures step `step`'s work on fixed copies of `batch` (for [`StepCapture::Rerun`],
+    /// only makes the copies). Nothing runs: the caller replays.
+    fn capture_step(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<CapturedStep, TrainError> {
+        let inputs = batch.to_owned_copy();
+        let index = match (self.capture, self.device) {
+            (StepCapture::CudaGraph, Device::Cuda(index)) => index,
+            _ => return Ok(CapturedStep { graph: None, inputs, values: Tensor::zeros([0], (Kind::Double, Device::Cpu)), terms: Vec::new() }),
+        };
+        let _capture = tracing::info_span!("capture", step).entered();
+        let started = std::time::Instant::now();
+        let (graph, (values, terms)) = CudaGraph::capture(index, || self.step_work(step, &inputs, coll)).map_err(|e| match e {
+            crate::cuda_graph::CaptureError::Body(inner) => inner,
+            other => TrainError::State { origin: "CUDA graph capture".into(), reason: other.to_string() },
+        })?;
+        tracing::info!(step, seconds = started.elapsed().as_secs_f64(), "step captured as a CUDA graph; later steps replay it");
+        Ok(CapturedStep { graph: Some(graph), inputs, values, terms })
     }
 
     /// Forward and backward of this rank's batch with the gradients summed over ranks: after
     /// it every rank holds the gradient of the global-batch loss. Returns that loss and the
     /// number of valid samples in the global batch.
     pub fn compute_gradients(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<(f64, u64), TrainError> {
-        let (loss, samples, _) = self.compute_gradients_with_parts(step, batch, coll)?;
-        Ok((loss, samples))
+        let shares = self.reduce_gradients(step, batch, coll)?;
+        let values = Vec::<f64>::try_from(shares.values.to_kind(Kind::Double).to_device(Device::Cpu))?;
+        Ok((values[0], values[values.len() - 1] as u64))
     }
 
-    fn compute_gradients_with_parts(
-        &mut self,
-        step: u64,
-        batch: &DeviceBatch,
-        coll: &mut dyn Collective,
-    ) -> Result<(f64, u64, LossParts), TrainError> {
+    /// Zeroes the gradients, runs the family's forward and backward pass and sums gradients
+    /// and loss shares over ranks, without waiting for the device.
+    fn reduce_gradients(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<ReducedShares, TrainError> {
         self.optimizer.zero_grad()?;
         let share = self.family.forward_backward(step, batch, coll)?;
-        // Sum gradients over ranks, the loss shares riding along unless the wire is bf16 (the
-        // reported losses keep full precision then, at the cost of one more small collective).
+        // Sum gradients over ranks, the loss shares and valid-sample counts riding along unless
+        // the wire is bf16 (the reported losses keep full precision then, at the cost of one
+        // more small collective).
         let mut grads = self.optimizer.grads();
         let kind = grads[0].kind();
-        let shares: Vec<Tensor> = std::iter::once(&share.total).chain(share.parts.iter().map(|(_, t)| t)).map(|t| t.detach().to_kind(kind).reshape([1])).collect();
+        let valid = batch.valid.sum(kind).reshape([1]);
+        let shares: Vec<Tensor> = std::iter::once(&share.total)
+            .chain(share.parts.iter().map(|(_, t)| t))
+            .map(|t| t.detach().to_kind(kind).reshape([1]))
+            .chain(std::iter::once(valid))
+            .collect();
         let mut shares = Tensor::cat(&shares, 0);
         let _all_reduce = tracing::info_span!("all_reduce", buckets_bytes = self.bucket_bytes).entered();
-        let global = if self.reduce_precision == ReducePrecision::Fp32 {
+        let values = if self.reduce_precision == ReducePrecision::Fp32 {
             grads.push(shares);
             all_reduce_buckets(coll, &mut grads, self.bucket_bytes, self.reduce_precision)?;
             grads.pop().expect("loss shares")
@@ -501,9 +707,7 @@ impl Trainer {
             coll.all_reduce_sum(&mut shares)?;
             shares
         };
-        let values: Vec<f64> = Vec::<f64>::try_from(global.to_kind(Kind::Double).to_device(Device::Cpu))?;
-        let parts = share.parts.iter().zip(&values[1..]).map(|((name, _), v)| (*name, *v)).collect();
-        Ok((values[0], share.samples, parts))
+        Ok(ReducedShares { values, terms: share.parts.iter().map(|(name, _)| *name).collect() })
     }
 
     /// The parameters' current gradients by name.
@@ -581,6 +785,21 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// Reads a step's results (laid out by [`Trainer::step_values`]) from the device in one copy.
+fn read_stats(values: &Tensor, terms: &[&'static str], lr: f64) -> Result<StepStats, TrainError> {
+    let v = Vec::<f64>::try_from(values.to_device(Device::Cpu))?;
+    let n = terms.len();
+    assert_eq!(v.len(), n + 4, "step values are [total, {n} terms, samples, grad norm, logit scale]");
+    Ok(StepStats {
+        loss: v[0],
+        parts: terms.iter().zip(&v[1..=n]).map(|(name, value)| (*name, *value)).collect(),
+        samples: v[n + 1] as u64,
+        grad_norm: v[n + 2],
+        logit_scale: v[n + 3],
+        lr,
+    })
 }
 
 impl From<ClipConfig> for ModelSpec {
