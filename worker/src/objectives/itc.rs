@@ -23,7 +23,8 @@ pub fn local_loss(
     rows: std::ops::Range<i64>,
     logit_scale: &Tensor,
 ) -> Tensor {
-    let n_valid = valid_all.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]).max(1);
+    // Counted on the device: nothing in the step waits for it (a captured step cannot).
+    let n_valid = valid_all.sum(image_all.kind()).clamp_min(1.0);
     let scale = logit_scale.exp();
     let len = rows.end - rows.start;
     let image_rows = image_all.narrow(0, rows.start, len);
@@ -36,7 +37,7 @@ pub fn local_loss(
         let nll = -logits.log_softmax(1, logits.kind()).gather(1, &targets, false).squeeze_dim(1);
         (nll.nan_to_num(0.0, None, None) * &row_mask).sum(image_all.kind())
     };
-    (direction(&image_rows, text_all) + direction(&text_rows, image_all)) / (2 * n_valid) as f64
+    (direction(&image_rows, text_all) + direction(&text_rows, image_all)) / (n_valid * 2.0)
 }
 
 #[cfg(test)]
