@@ -2,9 +2,12 @@
 # GPU checks and the CLIP ViT-B/16 comparison, in one run on one GPU:
 #   1. braid check-device: CUDA in libtorch, NCCL, one-rank NCCL collectives vs CPU results;
 #   2. CLIP-tiny trained in bf16 and fp32 on the same fixed batch: the loss curves must be close;
-#   3. an end-to-end `braid run` of CLIP-tiny on the GPU (one worker, NCCL engine);
-#   4. CLIP ViT-B/16, batch 256, bf16: braid vs open_clip in PyTorch eager (autocast bf16,
-#      scaled_dot_product_attention, fused AdamW), with samples/s, MFU, peak GPU memory, ratio;
+#      and trained from a captured CUDA graph (--cuda-graph): its curve must follow the eager one;
+#   3. an end-to-end `braid run` of CLIP-tiny on the GPU (one worker, NCCL engine), eagerly and
+#      with `train.cuda_graph = true`;
+#   4. CLIP ViT-B/16, batch 256, bf16: braid (eager and CUDA graph) vs open_clip in PyTorch eager
+#      (autocast bf16, scaled_dot_product_attention, fused AdamW), with samples/s, MFU, peak GPU
+#      memory, ratio;
 #   5. the checkpoint benchmark on the ViT-B/16 state held on the GPU;
 #   6. where the step time goes: profiler traces of 3 ViT-B/16 steps of braid and of the
 #      reference, summarised by bench/trace_summary.py; and braid with activation checkpointing.
@@ -35,6 +38,9 @@ for p in fp32 bf16; do
   timeout 60 "$BRAID" bench --preset tiny --device cuda:0 --precision "$p" --batch 128 --steps 150 --warmup 0 \
     --losses --json > "$OUT/tiny_$p.json" || echo "tiny $p bench failed"
 done
+timeout 60 "$BRAID" bench --preset tiny --device cuda:0 --precision fp32 --batch 128 --steps 150 --warmup 0 \
+  --losses --cuda-graph --json > "$OUT/tiny_fp32_graph.json" 2> "$OUT/tiny_fp32_graph.log" || echo "tiny CUDA-graph bench failed"
+grep -h "capture" "$OUT/tiny_fp32_graph.log" | tail -2
 
 echo "== 3. braid run on the GPU"
 rm -rf /tmp/braid-gpu && mkdir -p /tmp/braid-gpu
@@ -62,6 +68,12 @@ JOB
 timeout 120 "$BRAID" run /tmp/braid-gpu/job.toml --workers 1 --json --log-dir "$OUT/run-logs" > "$OUT/run_gpu.json"
 echo "braid run exit: $?"
 grep -h "collective connected" "$OUT"/run-logs/*.log | tail -1
+rm -rf /tmp/braid-gpu/ckpt
+sed 's/^warmup_steps = 20$/warmup_steps = 20\ncuda_graph = true/; s/^name = "clip-tiny-gpu"$/name = "clip-tiny-gpu-graph"/' \
+  /tmp/braid-gpu/job.toml > /tmp/braid-gpu/job-graph.toml
+timeout 120 "$BRAID" run /tmp/braid-gpu/job-graph.toml --workers 1 --json --log-dir "$OUT/run-graph-logs" > "$OUT/run_gpu_graph.json"
+echo "braid run (CUDA graph) exit: $?"
+grep -h "captured\|capturing" "$OUT"/run-graph-logs/*.log | tail -2
 
 echo "== 4. CLIP ViT-B/16 batch $BATCH bf16: braid vs PyTorch eager"
 measure() { # name, command...: runs the command while sampling GPU memory; writes $OUT/<name>.json and .mem
@@ -73,6 +85,8 @@ measure() { # name, command...: runs the command while sampling GPU memory; writ
 }
 measure b16_braid "$BRAID" bench --preset vit-b-16 --device cuda:0 --precision bf16 --batch "$BATCH" \
   --steps "$STEPS" --warmup "$WARMUP" --json
+measure b16_braid_graph "$BRAID" bench --preset vit-b-16 --device cuda:0 --precision bf16 --batch "$BATCH" \
+  --steps "$STEPS" --warmup "$WARMUP" --cuda-graph --json
 measure b16_torch "$PY" bench/open_clip_step.py --preset vit-b-16 --device cuda --precision bf16 --batch "$BATCH" \
   --steps "$STEPS" --warmup "$WARMUP"
 

@@ -80,6 +80,8 @@ pub struct BenchArgs {
 
 /// Runs `braid bench`.
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    // Warnings (a CUDA-graph capture that failed, ...) on stderr; results on stdout.
+    super::init_logging_with(false, "warn");
     if let Some(url) = &args.checkpoint_to {
         if args.family != "clip" {
             anyhow::bail!("--checkpoint-to benchmarks a CLIP preset's state; --family {} is not supported there", args.family);

@@ -12,6 +12,7 @@
 
 mod nccl;
 mod ring;
+mod single;
 
 use std::ops::Range;
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub use nccl::{
     NCCL_LIBRARY_ENV,
 };
 pub use ring::{RingCollective, RingListener};
+pub use single::SingleRank;
 
 /// A group of ranks that reduce, gather and broadcast tensors together.
 ///

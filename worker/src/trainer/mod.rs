@@ -20,7 +20,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub use batch::{attention_mask, DeviceBatch};
 
-use crate::collective::{all_reduce_buckets, Collective, CollectiveError, ReducePrecision};
+use crate::collective::{all_reduce_buckets, Collective, CollectiveError, ReducePrecision, SingleRank};
 use crate::cuda_graph::CudaGraph;
 use crate::data::mlm::MaskingVocab;
 use crate::data::tokenizer::TextTokenizer;
@@ -612,7 +612,7 @@ impl Trainer {
                 self.capture_state = CaptureState::WarmingUp(done + 1);
                 return self.eager_step(step, batch, coll, before_update);
             }
-            match self.capture_step(step, batch, coll) {
+            match self.capture_step(step, batch) {
                 Ok(captured) => self.capture_state = CaptureState::Captured(captured),
                 Err(e) => {
                     tracing::warn!(step, "capturing the step as a CUDA graph failed; steps run eagerly: {e}");
@@ -636,7 +636,7 @@ impl Trainer {
                     read_stats(&captured.values, &captured.terms, lr)
                 }
                 None => {
-                    let (values, terms) = self.step_work(step, &captured.inputs, coll)?;
+                    let (values, terms) = self.step_work(step, &captured.inputs, &mut SingleRank)?;
                     read_stats(&values, &terms, lr)
                 }
             }
@@ -654,8 +654,9 @@ impl Trainer {
     }
 
     /// Captures step `step`'s work on fixed copies of `batch` (for [`StepCapture::Rerun`],
-    /// only makes the copies). Nothing runs: the caller replays.
-    fn capture_step(&mut self, step: u64, batch: &DeviceBatch, coll: &mut dyn Collective) -> Result<CapturedStep, TrainError> {
+    /// only makes the copies). Nothing runs: the caller replays. A captured step has one rank
+    /// and communicates through [`SingleRank`] (the job's engine, NCCL included, is not called).
+    fn capture_step(&mut self, step: u64, batch: &DeviceBatch) -> Result<CapturedStep, TrainError> {
         let inputs = batch.to_owned_copy();
         let index = match (self.capture, self.device) {
             (StepCapture::CudaGraph, Device::Cuda(index)) => index,
@@ -663,7 +664,7 @@ impl Trainer {
         };
         let _capture = tracing::info_span!("capture", step).entered();
         let started = std::time::Instant::now();
-        let (graph, (values, terms)) = CudaGraph::capture(index, || self.step_work(step, &inputs, coll)).map_err(|e| match e {
+        let (graph, (values, terms)) = CudaGraph::capture(index, || self.step_work(step, &inputs, &mut SingleRank)).map_err(|e| match e {
             crate::cuda_graph::CaptureError::Body(inner) => inner,
             other => TrainError::State { origin: "CUDA graph capture".into(), reason: other.to_string() },
         })?;
