@@ -1,6 +1,7 @@
 //! Links libtorch so that binaries find it without LD_LIBRARY_PATH and CUDA is visible, and
-//! compiles the small C++ shim over libtorch's multi-tensor optimizer kernels, its profiler and
-//! its CUDA graphs (the last only where libtorch has CUDA and the CUDA runtime headers are found).
+//! compiles the small C++ shim over libtorch's multi-tensor optimizer kernels, its profiler, its
+//! CUDA graphs and its CUDA memory statistics (the last two only where libtorch has CUDA and the
+//! CUDA runtime headers are found).
 include!("../scripts/torch_link.rs");
 
 fn main() {
@@ -8,6 +9,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/multi_tensor.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     let mut build = cc::Build::new();
@@ -16,6 +18,7 @@ fn main() {
         .file("csrc/multi_tensor.cpp")
         .file("csrc/profiler.cpp")
         .file("csrc/cuda_graph.cpp")
+        .file("csrc/cuda_memory.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
@@ -26,9 +29,9 @@ fn main() {
     let cuda_include = cuda_runtime_include(&root);
     let graphs = root.join("include/ATen/cuda/CUDAGraph.h").exists() && root.join("lib/libtorch_cuda.so").exists();
     if let (true, Some(include)) = (graphs, &cuda_include) {
-        build.include(include).define("BRAID_CUDA_GRAPHS", None);
+        build.include(include).define("BRAID_CUDA", None);
     } else {
-        println!("cargo:warning=building without CUDA graphs: libtorch has no CUDA headers or the CUDA runtime headers were not found");
+        println!("cargo:warning=building without CUDA graphs and memory statistics: libtorch has no CUDA headers or the CUDA runtime headers were not found");
     }
     build.compile("braid_multi_tensor");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");

@@ -2,7 +2,7 @@
 // enqueues between capture_begin and capture_end is recorded on a side stream (taken from
 // libtorch's pool, with the activations in the graph's private memory pool) instead of run, and
 // replay launches the recording on the current stream in one call. Built only when libtorch has
-// its CUDA headers and the CUDA runtime headers are found (BRAID_CUDA_GRAPHS); otherwise every
+// its CUDA headers and the CUDA runtime headers are found (BRAID_CUDA); otherwise every
 // call reports that the build has no CUDA graphs. Errors come back as a malloc'd message (null on
 // success).
 
@@ -11,7 +11,7 @@
 #include <optional>
 #include <string>
 
-#ifdef BRAID_CUDA_GRAPHS
+#ifdef BRAID_CUDA
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
@@ -26,7 +26,7 @@ char *graph_error(const std::exception &e) {
   return strdup(msg.c_str());
 }
 
-#ifdef BRAID_CUDA_GRAPHS
+#ifdef BRAID_CUDA
 // (c10's stream guards are avoided: their inline device hooks would tie this file to cudart.)
 struct Graph {
   at::cuda::CUDAGraph graph;
@@ -50,7 +50,7 @@ extern "C" {
 
 // 1 when this build can capture CUDA graphs.
 int braid_cuda_graphs_built() {
-#ifdef BRAID_CUDA_GRAPHS
+#ifdef BRAID_CUDA
   return 1;
 #else
   return 0;
@@ -63,7 +63,7 @@ int braid_cuda_graphs_built() {
 // watchdog) may keep calling CUDA.
 char *braid_graph_capture_begin(int64_t device, void **out) {
   *out = nullptr;
-#ifdef BRAID_CUDA_GRAPHS
+#ifdef BRAID_CUDA
   Graph *g = nullptr;
   try {
     g = new Graph();
@@ -91,7 +91,7 @@ char *braid_graph_capture_begin(int64_t device, void **out) {
 // a failed capture (an error inside it, or an operation a graph cannot hold) it reports why; the
 // graph must then be freed, not replayed.
 char *braid_graph_capture_end(void *graph) {
-#ifdef BRAID_CUDA_GRAPHS
+#ifdef BRAID_CUDA
   auto *g = static_cast<Graph *>(graph);
   char *message = nullptr;
   try {
@@ -109,7 +109,7 @@ char *braid_graph_capture_end(void *graph) {
 
 // Launches the captured work on the current stream.
 char *braid_graph_replay(void *graph) {
-#ifdef BRAID_CUDA_GRAPHS
+#ifdef BRAID_CUDA
   try {
     static_cast<Graph *>(graph)->graph.replay();
     return nullptr;
@@ -124,7 +124,7 @@ char *braid_graph_replay(void *graph) {
 
 // Frees a graph and its memory pool (null is allowed).
 void braid_graph_free(void *graph) {
-#ifdef BRAID_CUDA_GRAPHS
+#ifdef BRAID_CUDA
   delete static_cast<Graph *>(graph);
 #else
   (void)graph;

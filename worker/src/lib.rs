@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod collective;
 pub mod cuda_graph;
+pub mod cuda_memory;
 pub mod data;
 pub mod deploy;
 pub mod devicecheck;
