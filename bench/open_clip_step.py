@@ -103,6 +103,7 @@ def main() -> None:
     }
     if device.type == "cuda":
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
     print(json.dumps(out))
 
 

@@ -96,8 +96,12 @@ pub struct BenchReport {
     pub tflops: f64,
     /// Model FLOPs utilisation against `peak_tflops`, if given.
     pub mfu: Option<f64>,
-    /// Peak device memory in bytes (CUDA only).
+    /// Most bytes held by tensors during the timed steps (CUDA only; libtorch's caching
+    /// allocator, as `torch.cuda.max_memory_allocated`).
     pub peak_memory_bytes: Option<u64>,
+    /// Most bytes the caching allocator reserved from the device during the timed steps
+    /// (CUDA only; `torch.cuda.max_memory_reserved`).
+    pub peak_reserved_bytes: Option<u64>,
     /// Median seconds of the update alone (clipping, AdamW, logit-scale clamp), on the CPU
     /// (on a GPU, timing it would need a wait for the device inside the step).
     pub update_seconds: Option<f64>,
@@ -409,6 +413,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         trainer.train_step(step as u64, &batch, &mut coll)?;
     }
     sync();
+    crate::cuda_memory::reset_peak(device)?;
     // The update is timed apart only on the CPU: on a GPU that needs a wait for the device
     // between backward and update, which would stall the step being measured.
     let time_update = !device.is_cuda();
@@ -436,6 +441,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         losses.push(stats.loss);
         loss_terms = stats.parts.iter().map(|(name, v)| (name.to_string(), *v)).collect();
     }
+    let memory = crate::cuda_memory::memory_stats(device)?;
     if let Some(path) = &options.trace {
         let profiler = crate::profiler::Profiler::start(matches!(device, Device::Cuda(_)))?;
         for step in 0..TRACED_STEPS {
@@ -465,7 +471,8 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TrainError> {
         flops_per_step,
         tflops,
         mfu: options.peak_tflops.map(|peak| tflops / peak),
-        peak_memory_bytes: None,
+        peak_memory_bytes: memory.map(|m| m.peak_allocated),
+        peak_reserved_bytes: memory.map(|m| m.peak_reserved),
         losses: options.record_losses.then_some(losses),
         update_seconds: time_update.then(|| update_times[update_times.len() / 2]),
         activation_checkpointing: options.activation_checkpointing,
@@ -511,6 +518,10 @@ impl std::fmt::Display for BenchReport {
         )?;
         if let Some(mfu) = self.mfu {
             write!(f, ", MFU {:.1}%", 100.0 * mfu)?;
+        }
+        if let (Some(allocated), Some(reserved)) = (self.peak_memory_bytes, self.peak_reserved_bytes) {
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            write!(f, ", peak GPU memory {:.0} MiB allocated / {:.0} MiB reserved", mib(allocated), mib(reserved))?;
         }
         if let Some(cpu) = self.cpu_seconds {
             write!(f, "; {:.2} CPU s/step", cpu)?;
