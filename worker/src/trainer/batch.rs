@@ -24,40 +24,79 @@ pub struct DeviceBatch {
     pub positions: Tensor,
 }
 
-impl DeviceBatch {
-    /// Moves a loader batch to `device` in `kind`, padding with invalid samples up to `slot`.
+/// A rank's batch as host tensors, in the kinds the model takes and padded to the slot:
+/// everything a [`DeviceBatch`] needs but the copy to the device. Building it is the host's
+/// share of the work (conversion, padding), which a thread beside training can do; for a CUDA
+/// device its tensors are in pinned memory, so [`HostBatch::to_device`] copies asynchronously.
+#[derive(Debug)]
+pub struct HostBatch {
+    images: Tensor,
+    tokens: Tensor,
+    eot_index: Tensor,
+    valid: Tensor,
+    word_ids: Tensor,
+    positions: Tensor,
+    pinned: bool,
+}
+
+impl HostBatch {
+    /// Converts a loader batch for `device`: images in `kind`, every tensor padded with invalid
+    /// samples up to `slot`, pinned when `device` is CUDA.
     pub fn from_batch(batch: &Batch, slot: usize, image_size: i64, device: Device, kind: Kind) -> Self {
         let b = batch.valid.len();
         assert!(b <= slot, "a rank batch of {b} does not fit slot {slot}");
+        assert_eq!(batch.images.len(), b * (3 * image_size * image_size) as usize, "images of {b} samples at {image_size}px");
         let context = batch.tokens.len().checked_div(b).unwrap_or(1) as i64;
-        let pad = (slot - b) as i64;
-        let images = Tensor::from_slice(&batch.images).view([b as i64, 3, image_size, image_size]);
-        let tokens = Tensor::from_slice(&batch.tokens).view([b as i64, context]);
-        let eot = Tensor::from_slice(&batch.eot_index);
-        let valid = Tensor::from_slice(&batch.valid);
-        let positions: Vec<i64> = batch.positions.iter().map(|&p| p as i64).collect();
-        let positions = Tensor::from_slice(&positions);
-        let word_ids = Tensor::from_slice(&batch.word_ids).view([b as i64, context]);
-        let (images, tokens, eot, valid, positions, word_ids) = if pad > 0 {
-            (
-                Tensor::cat(&[images, Tensor::zeros([pad, 3, image_size, image_size], (Kind::Float, Device::Cpu))], 0),
-                Tensor::cat(&[tokens, Tensor::zeros([pad, context], (Kind::Int64, Device::Cpu))], 0),
-                Tensor::cat(&[eot, Tensor::zeros([pad], (Kind::Int64, Device::Cpu))], 0),
-                Tensor::cat(&[valid, Tensor::zeros([pad], (Kind::Bool, Device::Cpu))], 0),
-                Tensor::cat(&[positions, Tensor::full([pad], -1, (Kind::Int64, Device::Cpu))], 0),
-                Tensor::cat(&[word_ids, Tensor::full([pad, context], -1, (Kind::Int64, Device::Cpu))], 0),
-            )
-        } else {
-            (images, tokens, eot, valid, positions, word_ids)
+        let (slot, b) = (slot as i64, b as i64);
+        let pinned = device.is_cuda();
+        // Each tensor is allocated at the slot's size (pinned for a CUDA device), the batch's
+        // rows are converted into it in one pass and the padding rows are filled.
+        let padded = |shape: &[i64], kind: Kind, rows: &Tensor, pad: f64| {
+            let mut full_shape = shape.to_vec();
+            full_shape[0] = slot;
+            let full = Tensor::empty(full_shape.as_slice(), (kind, Device::Cpu));
+            let full = if pinned { full.pin_memory(device) } else { full };
+            full.narrow(0, 0, b).copy_(rows);
+            let _ = full.narrow(0, b, slot - b).fill_(pad);
+            full
         };
+        // SAFETY: `from_blob` views `batch.images` (alive for this whole function) without a
+        // copy; the view is only read, by the conversion into `images`, before returning.
+        let pixels = unsafe {
+            Tensor::from_blob(batch.images.as_ptr() as *const u8, &[b, 3, image_size, image_size], &[], Kind::Float, Device::Cpu)
+        };
+        let images = padded(&[b, 3, image_size, image_size], kind, &pixels, 0.0);
+        let positions: Vec<i64> = batch.positions.iter().map(|&p| p as i64).collect();
         Self {
-            images: images.to_kind(kind).to_device(device),
-            tokens: tokens.to_device(device),
-            eot_index: eot.to_device(device),
-            valid: valid.to_device(device),
-            word_ids: Some(word_ids),
-            positions,
+            images,
+            tokens: padded(&[b, context], Kind::Int64, &Tensor::from_slice(&batch.tokens).view([b, context]), 0.0),
+            eot_index: padded(&[b], Kind::Int64, &Tensor::from_slice(&batch.eot_index), 0.0),
+            valid: padded(&[b], Kind::Bool, &Tensor::from_slice(&batch.valid), 0.0),
+            word_ids: padded(&[b, context], Kind::Int64, &Tensor::from_slice(&batch.word_ids).view([b, context]), -1.0),
+            positions: padded(&[b], Kind::Int64, &Tensor::from_slice(&positions), -1.0),
+            pinned,
         }
+    }
+
+    /// The batch on `device`: copies issued without waiting when the host tensors are pinned
+    /// (they run in order before the step's kernels); word ids and positions stay on the host.
+    pub fn to_device(&self, device: Device) -> DeviceBatch {
+        let move_to = |t: &Tensor| if device == Device::Cpu { t.shallow_clone() } else { t.to_device_(device, t.kind(), self.pinned, false) };
+        DeviceBatch {
+            images: move_to(&self.images),
+            tokens: move_to(&self.tokens),
+            eot_index: move_to(&self.eot_index),
+            valid: move_to(&self.valid),
+            word_ids: Some(self.word_ids.shallow_clone()),
+            positions: self.positions.shallow_clone(),
+        }
+    }
+}
+
+impl DeviceBatch {
+    /// Moves a loader batch to `device` in `kind`, padding with invalid samples up to `slot`.
+    pub fn from_batch(batch: &Batch, slot: usize, image_size: i64, device: Device, kind: Kind) -> Self {
+        HostBatch::from_batch(batch, slot, image_size, device, kind).to_device(device)
     }
 
     /// Samples in the batch (padding included).
@@ -126,4 +165,46 @@ pub fn attention_mask(tokens: &Tensor, eot_index: &Tensor) -> Tensor {
     let context = tokens.size()[1];
     let index = Tensor::arange(context, (Kind::Int64, tokens.device())).unsqueeze(0);
     index.le_tensor(&eot_index.unsqueeze(1)).to_kind(Kind::Int64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loader_batch() -> Batch {
+        Batch {
+            step: 4,
+            positions: vec![17, 3],
+            keys: vec!["a".into(), "b".into()],
+            images: (0..24).map(|i| i as f32 * 0.37 - 4.0).collect(),
+            tokens: vec![5, 6, 7, 8, 9, 10],
+            eot_index: vec![2, 1],
+            word_ids: vec![0, 1, -1, 0, -1, -1],
+            classes: vec![1, -1],
+            captions: vec!["x".into(), "y".into()],
+            valid: vec![true, false],
+            data_wait: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Two samples padded to a slot of three: the rows converted to the model's kinds, the
+    /// padding rows invalid with zero images and tokens and -1 positions and words.
+    #[test]
+    fn a_loader_batch_is_converted_and_padded() {
+        let batch = loader_batch();
+        let moved = DeviceBatch::from_batch(&batch, 3, 2, Device::Cpu, Kind::BFloat16);
+        assert_eq!(moved.images.size(), [3, 3, 2, 2]);
+        assert_eq!(moved.images.kind(), Kind::BFloat16);
+        let expected = Tensor::from_slice(&batch.images).view([2, 3, 2, 2]).to_kind(Kind::BFloat16);
+        assert!(moved.images.narrow(0, 0, 2).equal(&expected));
+        assert_eq!(f64::try_from(moved.images.narrow(0, 2, 1).abs().sum(Kind::Float)).unwrap(), 0.0);
+        assert_eq!(Vec::<i64>::try_from(moved.tokens.flatten(0, -1)).unwrap(), [5, 6, 7, 8, 9, 10, 0, 0, 0]);
+        assert_eq!(Vec::<i64>::try_from(&moved.eot_index).unwrap(), [2, 1, 0]);
+        assert_eq!(Vec::<bool>::try_from(&moved.valid).unwrap(), [true, false, false]);
+        assert_eq!(Vec::<i64>::try_from(&moved.positions).unwrap(), [17, 3, -1]);
+        let words = moved.word_ids.expect("word ids");
+        assert_eq!(Vec::<i64>::try_from(words.flatten(0, -1)).unwrap(), [0, 1, -1, 0, -1, -1, -1, -1, -1]);
+        let full = DeviceBatch::from_batch(&batch, 2, 2, Device::Cpu, Kind::Float);
+        assert!(full.images.equal(&Tensor::from_slice(&batch.images).view([2, 3, 2, 2])));
+    }
 }

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use braid_coordinator::config::JobConfig;
 use tch::{nn, Device, Kind, Tensor};
 
-pub use batch::{attention_mask, DeviceBatch};
+pub use batch::{attention_mask, DeviceBatch, HostBatch};
 
 use crate::collective::{all_reduce_buckets, Collective, CollectiveError, ReducePrecision, SingleRank};
 use crate::cuda_graph::CudaGraph;
