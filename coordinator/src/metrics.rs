@@ -155,6 +155,18 @@ pub fn families(progress: &Progress) -> Vec<Family> {
         "Seconds each rank's latest step waited for data.",
         per_rank(|m| m.data_wait_seconds),
     );
+    e.family(
+        "braid_rank_device_memory_bytes",
+        Gauge,
+        "Bytes each rank's CUDA caching allocator reserved from the device after its latest step (CUDA ranks only).",
+        per_rank(|m| m.device_memory_bytes.map(|b| b as f64)),
+    );
+    e.family(
+        "braid_rank_device_memory_peak_bytes",
+        Gauge,
+        "The most bytes each rank's CUDA caching allocator reserved since its worker started (CUDA ranks only).",
+        per_rank(|m| m.device_memory_peak_bytes.map(|b| b as f64)),
+    );
     e.family("braid_rank_straggler", Gauge, "1 when the rank is flagged as a straggler.", per_rank(|m| flag(m.straggler)));
     e.family(
         "braid_rank_last_step",

@@ -154,10 +154,11 @@ fn facts(p: &Progress) -> String {
 fn members(members: &[MemberProgress]) -> String {
     let mut out = String::from(
         "<h2>Members</h2>\n<table id=\"members\">\n<tr><th>worker</th><th>host</th><th>device</th><th>rank</th><th>state</th>\
-         <th>last step</th><th>held step</th><th>step time</th><th>collective wait</th><th>data wait</th><th>straggler</th></tr>\n",
+         <th>last step</th><th>held step</th><th>step time</th><th>collective wait</th><th>data wait</th><th>GPU memory</th>\
+         <th>straggler</th></tr>\n",
     );
     if members.is_empty() {
-        out.push_str("<tr><td colspan=\"11\" class=\"muted\">no worker has joined yet</td></tr>\n");
+        out.push_str("<tr><td colspan=\"12\" class=\"muted\">no worker has joined yet</td></tr>\n");
     }
     for m in members {
         let state = match m.state {
@@ -171,7 +172,7 @@ fn members(members: &[MemberProgress]) -> String {
         let _ = writeln!(
             out,
             "<tr{}><td>{}</td><td>{}</td><td>{}</td><td class=\"num rank\">{}</td><td>{state}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
             if m.straggler { " class=\"straggler\"" } else { "" },
             escape(&m.worker_id),
             escape(&m.hostname),
@@ -182,6 +183,7 @@ fn members(members: &[MemberProgress]) -> String {
             time(m.step_seconds),
             time(m.collective_wait_seconds),
             time(m.data_wait_seconds),
+            escape(&device_memory(m.device_memory_bytes, m.device_memory_peak_bytes)),
             if m.straggler { "<span class=\"flag\">straggler</span>" } else { "" },
         );
     }
@@ -410,6 +412,16 @@ fn seconds(s: f64) -> String {
     }
 }
 
+/// A rank's GPU memory as `current / peak` in binary units, as the page and `braid status`
+/// write it; `-` without either figure (a CPU device).
+pub fn device_memory(current: Option<u64>, peak: Option<u64>) -> String {
+    if current.is_none() && peak.is_none() {
+        return "-".into();
+    }
+    let figure = |b: Option<u64>| b.map_or_else(|| "-".to_string(), bytes);
+    format!("{} / {}", figure(current), figure(peak))
+}
+
 /// A byte count in binary units (`1.5 MiB`), as the page and `braid status` write it.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -468,6 +480,8 @@ mod tests {
                     step_seconds: Some(0.25),
                     collective_wait_seconds: Some(0.01),
                     data_wait_seconds: Some(0.002),
+                    device_memory_bytes: None,
+                    device_memory_peak_bytes: None,
                 },
                 MemberProgress {
                     worker_id: "w-3".into(),
@@ -481,6 +495,8 @@ mod tests {
                     step_seconds: Some(1.5),
                     collective_wait_seconds: None,
                     data_wait_seconds: None,
+                    device_memory_bytes: Some(3 << 29),
+                    device_memory_peak_bytes: Some(2 << 30),
                 },
             ],
             loss: Some(2.5),
@@ -596,6 +612,10 @@ mod tests {
         assert!(page.contains(">training</span> generation 2 with 2 worker(s)"));
         assert!(page.contains("step 50 of 200 (25.0%)"));
         assert!(page.contains("<tr class=\"straggler\"><td>w-3</td>"));
+        assert!(page.contains("<th>data wait</th><th>GPU memory</th><th>straggler</th>"), "{page}");
+        // GPU memory sits between data wait and straggler: current / peak on CUDA, `-` on the CPU.
+        assert!(page.contains("<td class=\"num\">-</td><td class=\"num\">1.5 GiB / 2.0 GiB</td><td><span class=\"flag\">"), "{page}");
+        assert!(page.contains("<td class=\"num\">2.0 ms</td><td class=\"num\">-</td><td></td></tr>"), "{page}");
         assert!(page.contains("wrote 1.5 MiB in 350.0 ms"));
         for chart in ["loss-chart", "throughput-chart", "lr-chart"] {
             let at = page.find(&format!("<figure id=\"{chart}\"")).unwrap_or_else(|| panic!("no {chart}"));
@@ -624,6 +644,9 @@ mod tests {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
+        assert_eq!(device_memory(Some(512 << 20), Some(3 << 29)), "512.0 MiB / 1.5 GiB");
+        assert_eq!(device_memory(Some(2048), None), "2.0 KiB / -");
+        assert_eq!(device_memory(None, None), "-");
         assert_eq!(seconds(0.0123), "12.3 ms");
         assert_eq!(seconds(2.5), "2.50 s");
         assert_eq!(number(2.34567), "2.346");

@@ -1318,6 +1318,9 @@ fn step_reports_and_commits_feed_the_telemetry_series_and_metrics() {
                 samples: 8,
                 step_seconds: 0.5,
                 data_wait_seconds: 0.01 * (rank + 1) as f64,
+                // Rank 0 trains on a GPU, rank 1 on the CPU (no memory figures).
+                device_memory_bytes: (rank == 0).then_some((1 << 30) + step * 1024),
+                device_memory_peak_bytes: (rank == 0).then_some(3 << 29),
                 ..Default::default()
             };
             sim.c.report_step(sim.at(7.0 + step as f64), &req).unwrap();
@@ -1336,6 +1339,8 @@ fn step_reports_and_commits_feed_the_telemetry_series_and_metrics() {
     assert_eq!(p.loss_terms["itc"], 0.5);
     assert_eq!(p.grad_norm, Some(0.25));
     assert_eq!(p.data_wait_seconds, Some(0.01));
+    let memory: Vec<_> = p.members.iter().map(|m| (m.rank, m.device_memory_bytes, m.device_memory_peak_bytes)).collect();
+    assert_eq!(memory, vec![(Some(0), Some((1 << 30) + 3 * 1024), Some(3 << 29)), (Some(1), None, None)], "the latest report's");
     let cost = p.last_checkpoint.unwrap();
     // 100 + 101 bytes; rank 1 wrote for 1.5 s and the commit came 0.5 s after its vote.
     assert_eq!((cost.step, cost.bytes, cost.seconds), (3, 201, 2.0));
@@ -1357,9 +1362,19 @@ fn step_reports_and_commits_feed_the_telemetry_series_and_metrics() {
         "braid_checkpoint_seconds{job_name=\"test-job\"} 2",
         &format!("braid_rank_data_wait_seconds{{job_name=\"test-job\",rank=\"1\",worker=\"{}\"}} 0.02", ids[1]),
         &format!("braid_rank_straggler{{job_name=\"test-job\",rank=\"0\",worker=\"{}\"}} 0", ids[0]),
+        &format!("braid_rank_device_memory_bytes{{job_name=\"test-job\",rank=\"0\",worker=\"{}\"}} 1073744896", ids[0]),
+        &format!("braid_rank_device_memory_peak_bytes{{job_name=\"test-job\",rank=\"0\",worker=\"{}\"}} 1610612736", ids[0]),
+        "# TYPE braid_rank_device_memory_bytes gauge",
+        "# TYPE braid_rank_device_memory_peak_bytes gauge",
         "braid_job_finished{job_name=\"test-job\"} 0",
         "# TYPE braid_rejoins_total counter",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    // Rank 1 reported no memory figures: no series for it, and one each for rank 0.
+    for family in ["braid_rank_device_memory_bytes{", "braid_rank_device_memory_peak_bytes{"] {
+        let samples: Vec<&str> = text.lines().filter(|l| l.starts_with(family)).collect();
+        assert_eq!(samples.len(), 1, "{samples:?}");
+        assert!(samples[0].contains("rank=\"0\""), "{samples:?}");
     }
 }

@@ -210,4 +210,8 @@ fn a_jobs_spans_and_metrics_arrive_over_otlp() {
     let timings = latest("braid-worker", "braid_worker_step_seconds");
     assert!(timings.value >= 1.0 && timings.attributes.contains_key("rank"), "{timings:?}");
     assert_eq!(latest("braid-worker", "braid_worker_step").value, 11.0);
+    // CPU workers have no GPU memory figures, so neither side exports any.
+    let memory = ["braid_worker_device_memory_bytes", "braid_worker_device_memory_peak_bytes", "braid_rank_device_memory_bytes", "braid_rank_device_memory_peak_bytes"];
+    let found: Vec<&str> = points.iter().map(|p| p.name.as_str()).filter(|n| memory.contains(n)).collect();
+    assert!(found.is_empty(), "GPU memory points from CPU workers: {found:?}");
 }

@@ -99,6 +99,9 @@ fn prometheus_scrapes_the_jobs_series_and_sees_them_advance() {
     };
     let content_type = exposition.headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
     assert_eq!(content_type, Some(braid_coordinator::metrics::CONTENT_TYPE));
+    for family in ["braid_rank_device_memory_bytes", "braid_rank_device_memory_peak_bytes"] {
+        assert!(exposition.body.contains(&format!("# TYPE {family} gauge\n")), "{family} is described:\n{}", exposition.body);
+    }
 
     let step = "braid_step{job_name=\"prom\"}";
     let first = loop {
@@ -143,6 +146,9 @@ fn prometheus_scrapes_the_jobs_series_and_sees_them_advance() {
         ("braid_checkpoint_seconds{job_name=\"prom\"} > 0", 1),
         ("braid_rejoins_total{job_name=\"prom\"} == 0", 1),
         ("braid_job_finished{job_name=\"prom\"} == 0", 1),
+        // The workers train on the CPU: no rank has GPU memory figures.
+        ("braid_rank_device_memory_bytes{job_name=\"prom\"}", 0),
+        ("braid_rank_device_memory_peak_bytes{job_name=\"prom\"}", 0),
     ] {
         let found = query(&prometheus, expr);
         assert_eq!(found.len(), samples, "{expr}: {found:?}\n{}", exposition.body);

@@ -150,7 +150,10 @@ fn chromium_renders_the_status_page_of_a_training_job() {
     for (worker, rank) in &members {
         let row = element(&dom, &format!("<tr><td>{worker}</td>"), "</tr>");
         assert!(row.contains(&format!("<td class=\"num rank\">{rank}</td>")) && row.contains("<td>training</td>"), "{row}");
+        // CPU workers: the GPU memory cell (before the straggler cell) says there is none.
+        assert!(row.contains("<td class=\"num\">-</td><td>"), "{row}");
     }
+    assert!(dom.contains("<th>GPU memory</th>"), "{dom}");
     for (chart, lines) in [("loss-chart", 4), ("throughput-chart", 1), ("lr-chart", 1)] {
         let figure = element(&dom, &format!("<figure id=\"{chart}\""), "</figure>");
         assert!(figure.contains("<svg"), "{figure}");
@@ -176,7 +179,7 @@ fn chromium_renders_the_status_page_of_a_training_job() {
     let text = braid(["status", "--coordinator", &address], Duration::from_secs(30));
     assert!(text.status.success(), "{}", text.text());
     println!("{}", text.stdout);
-    for expected in ["loss terms: ", "itc ", "last checkpoint cost: step "] {
+    for expected in ["loss terms: ", "itc ", "last checkpoint cost: step ", " GPU memory "] {
         assert!(text.stdout.contains(expected), "no {expected:?} in braid status:\n{}", text.stdout);
     }
 }

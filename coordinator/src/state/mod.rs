@@ -182,6 +182,8 @@ struct StepStats {
     grad_norm: f64,
     samples_per_second: Option<f64>,
     data_wait_seconds: f64,
+    device_memory_bytes: Option<u64>,
+    device_memory_peak_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -607,6 +609,8 @@ impl Coordinator {
             grad_norm: req.grad_norm,
             samples_per_second,
             data_wait_seconds: req.data_wait_seconds,
+            device_memory_bytes: req.device_memory_bytes,
+            device_memory_peak_bytes: req.device_memory_peak_bytes,
         };
         if self.last_report.is_none_or(|(r, _)| rank <= r) {
             self.last_report = Some((rank, stats));

@@ -66,6 +66,11 @@ pub struct MemberProgress {
     pub collective_wait_seconds: Option<f64>,
     /// Seconds its latest step waited for data.
     pub data_wait_seconds: Option<f64>,
+    /// Bytes its CUDA caching allocator had reserved from the device after its latest step;
+    /// `None` on a CPU device.
+    pub device_memory_bytes: Option<u64>,
+    /// The most its allocator has reserved since the worker process started.
+    pub device_memory_peak_bytes: Option<u64>,
 }
 
 /// A read-only snapshot of the job for progress bars, `/status` and the final summary.
@@ -166,6 +171,8 @@ impl Coordinator {
                     step_seconds: if live { w.timings.step_seconds() } else { None },
                     collective_wait_seconds: if live { w.timings.collective_wait_seconds() } else { None },
                     data_wait_seconds: if live { w.stats.map(|s| s.data_wait_seconds) } else { None },
+                    device_memory_bytes: if live { w.stats.and_then(|s| s.device_memory_bytes) } else { None },
+                    device_memory_peak_bytes: if live { w.stats.and_then(|s| s.device_memory_peak_bytes) } else { None },
                 }
             })
             .collect();

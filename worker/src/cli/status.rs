@@ -79,10 +79,11 @@ fn render(s: &Value) -> String {
         let terms: Vec<String> = terms.iter().map(|(term, value)| format!("{term} {}", text(value))).collect();
         out.push_str(&format!("loss terms: {}\n", terms.join(", ")));
     }
-    out.push_str("\nworker       host             rank  state                last step  step s   wait s   straggler\n");
+    out.push_str("\nworker       host             rank  state                last step  step s   wait s   GPU memory            straggler\n");
     for m in s["members"].as_array().into_iter().flatten() {
+        let memory = braid_coordinator::status_page::device_memory(m["device_memory_bytes"].as_u64(), m["device_memory_peak_bytes"].as_u64());
         out.push_str(&format!(
-            "{:<12} {:<16} {:<5} {:<20} {:<10} {:<8} {:<8} {}\n",
+            "{:<12} {:<16} {:<5} {:<20} {:<10} {:<8} {:<8} {memory:<21} {}\n",
             text(&m["worker_id"]),
             text(&m["hostname"]),
             text(&m["rank"]),

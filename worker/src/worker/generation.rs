@@ -2,7 +2,7 @@
 //! then train, report and checkpoint step by step until the job ends or membership changes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use braid_coordinator::client::CoordinatorClient;
@@ -18,6 +18,7 @@ use super::{nccl_bootstrap, WorkerError};
 use crate::checkpoint::participant::{Checkpointer, Membership, Taken};
 use crate::checkpoint::CheckpointStore;
 use crate::collective::{connect_collective, Collective, CollectiveError, Engine, Rendezvous, RingListener};
+use crate::cuda_memory::{memory_stats, MemoryStats};
 use crate::data::loader::{CorruptSample, Loader, LoaderOptions};
 use crate::data::{store, tokenizer};
 use crate::trainer::{DeviceBatch, ModelSpec, Trainer};
@@ -213,6 +214,7 @@ pub fn run_generation(
             let terms: Vec<String> = stats.parts.iter().map(|(name, value)| format!("{name}={value:.4}")).collect();
             tracing::info!(step, loss = stats.loss, terms = terms.join(" "), lr = stats.lr, grad_norm = stats.grad_norm, logit_scale = stats.logit_scale, "step");
         }
+        let memory = device_memory(device);
         let report = StepReport {
             header: None,
             generation,
@@ -228,6 +230,8 @@ pub fn run_generation(
             collective_wait_seconds: collective_wait.as_secs_f64(),
             state_digest: state_sync::check_digest(&held.trainer, config, step, world_size),
             loss_terms: stats.parts.iter().map(|(name, value)| (name.to_string(), *value)).collect(),
+            device_memory_bytes: memory.map(|m| m.reserved),
+            device_memory_peak_bytes: memory.map(|m| m.peak_reserved),
         };
         metrics.record(rank, &report);
         let reply = match tracing::info_span!("report").in_scope(|| runtime.block_on(client.report_step(report))) {
@@ -273,6 +277,17 @@ pub fn run_generation(
         }
     }
     Ok(GenerationEnd::JobOver)
+}
+
+/// What the CUDA caching allocator holds on `device` after a step, for the step report; `None`
+/// on a CPU device, or when libtorch cannot say (warned about once per process: it would fail
+/// the same way at every step).
+fn device_memory(device: Device) -> Option<MemoryStats> {
+    static WARNED: Once = Once::new();
+    memory_stats(device).unwrap_or_else(|e| {
+        WARNED.call_once(|| tracing::warn!("step reports go without GPU memory: {e}"));
+        None
+    })
 }
 
 /// Takes part in the checkpoint of `step`, logging how it went.

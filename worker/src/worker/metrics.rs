@@ -15,6 +15,8 @@ pub struct WorkerMetrics {
     loss: Gauge<f64>,
     step: Gauge<u64>,
     samples: Counter<u64>,
+    device_memory_bytes: Gauge<u64>,
+    device_memory_peak_bytes: Gauge<u64>,
     job: KeyValue,
     worker: KeyValue,
 }
@@ -39,12 +41,23 @@ impl WorkerMetrics {
                 .u64_counter("braid_worker_samples")
                 .with_description("Global-batch samples of the steps this rank trained.")
                 .build(),
+            device_memory_bytes: meter
+                .u64_gauge("braid_worker_device_memory_bytes")
+                .with_description("Bytes this rank's CUDA caching allocator reserved from the device after the latest step.")
+                .with_unit("By")
+                .build(),
+            device_memory_peak_bytes: meter
+                .u64_gauge("braid_worker_device_memory_peak_bytes")
+                .with_description("The most bytes this rank's CUDA caching allocator reserved since the worker started.")
+                .with_unit("By")
+                .build(),
             job: KeyValue::new("job_name", job.to_string()),
             worker: KeyValue::new("worker", worker_id.to_string()),
         }
     }
 
-    /// Records the step `report` describes, trained as rank `rank`.
+    /// Records the step `report` describes, trained as rank `rank`; the GPU memory gauges only
+    /// when the report carries them (a CUDA device).
     pub fn record(&self, rank: usize, report: &StepReport) {
         let attributes = [self.job.clone(), self.worker.clone(), KeyValue::new("rank", rank as i64)];
         self.step_seconds.record(report.step_seconds, &attributes);
@@ -53,5 +66,11 @@ impl WorkerMetrics {
         self.loss.record(report.loss, &attributes);
         self.step.record(report.step, &attributes);
         self.samples.add(report.samples, &attributes);
+        if let Some(bytes) = report.device_memory_bytes {
+            self.device_memory_bytes.record(bytes, &attributes);
+        }
+        if let Some(bytes) = report.device_memory_peak_bytes {
+            self.device_memory_peak_bytes.record(bytes, &attributes);
+        }
     }
 }
