@@ -271,6 +271,11 @@ impl Loader {
     pub fn corrupt_samples(&self) -> u64 {
         self.corrupt.load(Ordering::Relaxed)
     }
+
+    /// The counter behind [`Loader::corrupt_samples`], for an owner on another thread.
+    pub fn corrupt_counter(&self) -> Arc<AtomicU64> {
+        self.corrupt.clone()
+    }
 }
 
 impl Drop for Loader {

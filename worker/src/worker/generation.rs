@@ -14,6 +14,7 @@ use tch::{Device, Tensor};
 use super::ledger::Ledger;
 use super::metrics::WorkerMetrics;
 use super::state_sync::{self, Origin};
+use super::staging::{Staged, Stager, StagingShape};
 use super::{nccl_bootstrap, WorkerError};
 use crate::checkpoint::participant::{Checkpointer, Membership, Taken};
 use crate::checkpoint::CheckpointStore;
@@ -21,7 +22,7 @@ use crate::collective::{connect_collective, Collective, CollectiveError, Engine,
 use crate::cuda_memory::{memory_stats, MemoryStats};
 use crate::data::loader::{CorruptSample, Loader, LoaderOptions};
 use crate::data::{store, tokenizer};
-use crate::trainer::{DeviceBatch, ModelSpec, Trainer};
+use crate::trainer::{ModelSpec, Trainer};
 
 /// How a generation ended for this worker.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,7 +161,7 @@ pub fn run_generation(
         let _ = handle.block_on(client.report_corrupt(&c.shard, &c.key, &c.reason));
     });
     let global_batch = config.train.global_batch;
-    let mut loader = Loader::new(LoaderOptions {
+    let loader = Loader::new(LoaderOptions {
         plan,
         manifest_url: plan_reply.manifest_url.clone(),
         rank,
@@ -183,17 +184,19 @@ pub fn run_generation(
 
     let member = Membership { generation, rank };
     let slot = global_batch.div_ceil(world_size);
+    let shape = StagingShape { slot, image_size: spec.image_size(), device, kind: held.trainer.compute_kind() };
+    let mut stager = Stager::new(loader, shape)?;
     let mut outage_since: Option<Instant> = None;
     let metrics = WorkerMetrics::new(&config.job.name, &client.worker_id().unwrap_or_default());
     for step in start..total {
         let _step_span = tracing::info_span!("step", step).entered();
         let started = Instant::now();
         braid_coordinator::failpoint::set_context(step, rank);
-        let batch = tracing::info_span!("data_wait").in_scope(|| loader.next_batch())?;
+        let Staged { batch, host } = tracing::info_span!("data_wait").in_scope(|| stager.next_batch())?;
         if let Some(ledger) = ctx.ledger {
             ledger.lock().unwrap_or_else(|e| e.into_inner()).contributed(generation, step, rank, world_size, &batch.keys);
         }
-        let device_batch = DeviceBatch::from_batch(&batch, slot, spec.image_size(), device, held.trainer.compute_kind());
+        let device_batch = host.to_device(device);
         let mut timed = Timed { inner: coll.as_mut(), waited: Duration::ZERO };
         let stats = held.trainer.train_step_with(step, &device_batch, &mut timed, || {
             if let Some(checkpointer) = ctx.checkpointer {
@@ -226,7 +229,7 @@ pub fn run_generation(
             samples: stats.samples,
             step_seconds: started.elapsed().as_secs_f64(),
             data_wait_seconds: batch.data_wait.as_secs_f64(),
-            skipped_samples: loader.corrupt_samples(),
+            skipped_samples: stager.corrupt_samples(),
             collective_wait_seconds: collective_wait.as_secs_f64(),
             state_digest: state_sync::check_digest(&held.trainer, config, step, world_size),
             loss_terms: stats.parts.iter().map(|(name, value)| (name.to_string(), *value)).collect(),

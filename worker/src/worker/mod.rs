@@ -21,6 +21,7 @@ use crate::trainer::{model_spec, Trainer};
 mod generation;
 mod ledger;
 mod metrics;
+mod staging;
 mod state_sync;
 
 use generation::{run_generation, GenerationEnd, Held, WorkerContext};
