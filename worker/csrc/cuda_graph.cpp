@@ -57,8 +57,8 @@ int braid_cuda_graphs_built() {
 #endif
 }
 
-// Waits for the device, makes a pooled side stream of `device` current and starts capturing on
-// it; *out receives the graph, which the caller ends with braid_graph_capture_end and frees
+// Waits for the device, returns the memory cached by earlier steps, makes a pooled side stream
+// of `device` current and starts capturing on it; *out receives the graph, which the caller ends with braid_graph_capture_end and frees
 // with braid_graph_free. Capture is thread-local: other threads (data loading, a collective's
 // watchdog) may keep calling CUDA.
 char *braid_graph_capture_begin(int64_t device, void **out) {
@@ -72,6 +72,9 @@ char *braid_graph_capture_begin(int64_t device, void **out) {
     c10::cuda::set_device(index);
     g->previous_stream = c10::cuda::getCurrentCUDAStream(index);
     c10::cuda::device_synchronize();
+    // The eager steps before the capture left their activations cached in the general pool;
+    // the graph gets a pool of its own, so give them back rather than hold both.
+    c10::cuda::CUDACachingAllocator::emptyCache();
     c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index));
     g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     *out = g;
