@@ -526,6 +526,8 @@ const SERIES: &[&str] = &[
     "braid_rank_step_seconds",
     "braid_rank_collective_wait_seconds",
     "braid_rank_straggler",
+    "braid_rank_device_memory_bytes",
+    "braid_rank_device_memory_peak_bytes",
     "braid_corrupt_samples_total",
     "braid_replica_drifts_total",
     "braid_job_finished",
