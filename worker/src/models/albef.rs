@@ -318,7 +318,8 @@ impl Albef {
         self.heads.itm_logits(fused)
     }
 
-    /// Masked language-modelling logits [batch, L, vocab] of fused states.
+    /// Masked language-modelling logits `[..., vocab]` of fused states `[..., width]` (all of
+    /// them `[batch, L, width]`, or the predicted positions' `[R, width]`).
     pub fn mlm_logits(&self, fused: &Tensor) -> Tensor {
         self.mlm_head.forward(fused, self.text.embeddings().word_embeddings())
     }

@@ -421,18 +421,29 @@ impl Blip {
     /// `image_states`; returns next-token logits [batch, L, vocab] (position `i` predicts token
     /// `i + 1`).
     pub fn decoder_logits(&self, input_ids: &Tensor, attention_mask: &Tensor, image_states: &Tensor) -> Tensor {
+        self.lm_logits(&self.decode(input_ids, attention_mask, image_states))
+    }
+
+    /// The image-grounded text decoder without the LM head: [batch, L, width] states (see
+    /// [`Blip::decoder_logits`]).
+    pub fn decode(&self, input_ids: &Tensor, attention_mask: &Tensor, image_states: &Tensor) -> Tensor {
         let image = EncoderStates { states: image_states, mask: None };
         let x = self.text.embed(input_ids, None);
         let layers = 0..self.config.text.num_hidden_layers;
-        let h = self.text.forward_layers_with_self_attention(
+        self.text.forward_layers_with_self_attention(
             &x,
             layers,
             &self.decoder_self_attention,
             Some(attention_mask),
             Some(image),
             true,
-        );
-        self.lm_head.forward(&h, self.text.embeddings().word_embeddings())
+        )
+    }
+
+    /// The LM head: next-token logits `[..., vocab]` of decoder states `[..., width]`
+    /// ([`Blip::decode`], or the predicted positions' rows of them).
+    pub fn lm_logits(&self, states: &Tensor) -> Tensor {
+        self.lm_head.forward(states, self.text.embeddings().word_embeddings())
     }
 
     /// The L2-normalised contrastive image feature [batch, embed_dim] of `image_states`

@@ -30,7 +30,7 @@ use crate::collective::Collective;
 use crate::data::mlm::{Masker, MaskingConfig, MaskingInputs, MaskingVocab, IGNORE_INDEX};
 use crate::models::albef::{Albef, AlbefConfig};
 use crate::objectives::distill;
-use crate::objectives::mlm::distilled_mlm_sum;
+use crate::objectives::mlm::{distilled_mlm_sum, Predicted};
 use crate::objectives::queue::FeatureQueue;
 
 pub use super::momentum::{DrawnNegatives, HardNegatives};
@@ -159,6 +159,7 @@ impl Family for AlbefFamily {
         let alpha = self.alpha_at(step);
         let attention_mask = batch.attention_mask();
         let (masked_ids, labels) = self.mask(batch, &attention_mask)?;
+        let predicted = Predicted::new(&labels);
 
         let forward = tracing::info_span!("forward").entered();
         // 1. The momentum model's features and MLM logits; gathered features, flags and counts.
@@ -168,7 +169,7 @@ impl Family for AlbefFamily {
             let text_states = mm.encode_text(&batch.tokens, &attention_mask);
             let logits = (alpha > 0.0).then(|| {
                 let masked = mm.encode_text(&masked_ids, &attention_mask);
-                mm.mlm_logits(&mm.fuse(&masked, &attention_mask, &image_states))
+                mm.mlm_logits(&predicted.rows(&mm.fuse(&masked, &attention_mask, &image_states)))
             });
             (mm.image_feature(&image_states).to_kind(kind), mm.text_feature(&text_states).to_kind(kind), logits)
         });
@@ -201,8 +202,9 @@ impl Family for AlbefFamily {
 
         // 3c. MLM of the masked captions fused with this rank's images, distilled.
         let masked_states = self.model.encode_text(&masked_ids, &attention_mask);
-        let mlm_logits = self.model.mlm_logits(&self.model.fuse(&masked_states, &attention_mask, &image_own)).to_kind(kind);
-        let mlm = distilled_mlm_sum(&mlm_logits, &labels, mlm_logits_m.as_ref(), alpha) / gathered.count.max(1) as f64;
+        let fused = self.model.fuse(&masked_states, &attention_mask, &image_own);
+        let mlm_logits = self.model.mlm_logits(&predicted.rows(&fused)).to_kind(kind);
+        let mlm = distilled_mlm_sum(&mlm_logits, &predicted.targets, mlm_logits_m.as_ref(), alpha) / gathered.count.max(1) as f64;
 
         drop(forward);
         let _backward = tracing::info_span!("backward").entered();

@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 
 use braid_coordinator::config::JobConfig;
-use tch::{nn, Kind, Reduction, Tensor};
+use tch::{nn, Kind, Tensor};
 
 use super::momentum::{build_with_momentum, HardNegativeSampler, Leaves, Momentum, MomentumSettings};
 use super::{compute_kind, DeviceBatch, Family, LossShare, Precision, TrainError};
@@ -39,6 +39,7 @@ use crate::collective::Collective;
 use crate::models::blip::{Blip, BlipConfig};
 use crate::models::ModelError;
 use crate::objectives::distill;
+use crate::objectives::mlm::{smoothed_ce_sum, Predicted};
 use crate::objectives::queue::FeatureQueue;
 
 pub use super::momentum::{DrawnNegatives, HardNegatives};
@@ -143,17 +144,24 @@ pub fn lm_targets(attention_mask: &Tensor, valid: &Tensor) -> Tensor {
     attention_mask.narrow(1, 1, l - 1).ne(0).logical_and(&valid.unsqueeze(1))
 }
 
+/// The next-token labels `[B, L - 1]` of decoder inputs `input_ids` `[B, L]`: token `i + 1` at
+/// position `i` where `predicted` ([`lm_targets`]) says so, [`IGNORE_INDEX`] elsewhere; with
+/// [`Predicted`] they pick the decoder states the LM head runs on.
+pub fn lm_labels(input_ids: &Tensor, predicted: &Tensor) -> Tensor {
+    let l = input_ids.size()[1];
+    input_ids.narrow(1, 1, l - 1).masked_fill(&predicted.logical_not(), IGNORE_INDEX)
+}
+
 /// The sum over the `predicted` positions (`[B, L - 1]` bool, [`lm_targets`]) of the
-/// cross-entropy with label smoothing `label_smoothing` of `logits` `[B, L, V]`
-/// ([`Blip::decoder_logits`]) at position `i` against token `i + 1` of `input_ids`, in `kind`:
-/// `sum_t [(1 - eps) (-log p_t(y_t)) + eps / V * sum_v (-log p_t(v))]`, torch's
-/// `cross_entropy(..., label_smoothing=eps, reduction="sum")`. Divided by the number of
-/// predicted tokens it is [`Blip::lm_loss`] (BLIP's LM loss, a mean over tokens).
+/// cross-entropy with label smoothing `label_smoothing` of full decoder logits `[B, L, V]`
+/// ([`Blip::decoder_logits`]) at position `i` against token `i + 1` of `input_ids`, in `kind`
+/// ([`smoothed_ce_sum`] on the predicted rows). Divided by the number of predicted tokens it is
+/// [`Blip::lm_loss`] (BLIP's LM loss, a mean over tokens). Training runs the LM head on the
+/// predicted rows only instead.
 pub fn lm_loss_sum(logits: &Tensor, input_ids: &Tensor, predicted: &Tensor, label_smoothing: f64, kind: Kind) -> Tensor {
-    let (b, l, v) = logits.size3().expect("logits are [batch, tokens, vocab]");
-    let labels = input_ids.narrow(1, 1, l - 1).masked_fill(&predicted.logical_not(), IGNORE_INDEX);
-    let logits = logits.narrow(1, 0, l - 1).to_kind(kind).reshape([b * (l - 1), v]);
-    logits.cross_entropy_loss::<Tensor>(&labels.reshape([-1]), None, Reduction::Sum, IGNORE_INDEX, label_smoothing)
+    let l = logits.size()[1];
+    let rows = Predicted::new(&lm_labels(input_ids, predicted));
+    smoothed_ce_sum(&rows.rows(&logits.narrow(1, 0, l - 1)), &rows.targets, label_smoothing, kind)
 }
 
 impl Family for BlipFamily {
@@ -204,8 +212,11 @@ impl Family for BlipFamily {
 
         // 3c. LM: the captions through the decoder with [DEC] first, over the global batch's tokens.
         let decoder_ids = with_first_token(&batch.tokens, config.bos_token_id);
-        let lm_logits = self.model.decoder_logits(&decoder_ids, &attention_mask, &image_own);
-        let lm = lm_loss_sum(&lm_logits, &decoder_ids, &predicted, config.label_smoothing, kind) / gathered.count.max(1) as f64;
+        // The LM head runs on the positions whose next token is predicted, not on padding.
+        let states = self.model.decode(&decoder_ids, &attention_mask, &image_own);
+        let rows = Predicted::new(&lm_labels(&decoder_ids, &predicted));
+        let lm_logits = self.model.lm_logits(&rows.rows(&states.narrow(1, 0, states.size()[1] - 1)));
+        let lm = smoothed_ce_sum(&lm_logits, &rows.targets, config.label_smoothing, kind) / gathered.count.max(1) as f64;
 
         drop(forward);
         let _backward = tracing::info_span!("backward").entered();
