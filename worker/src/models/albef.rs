@@ -166,8 +166,8 @@ impl AlbefConfig {
     /// MFU, counting the passes that are backpropagated, so that 3x this is the sample's
     /// training cost: the image encoder once; the text encoder twice (the caption and its
     /// masked copy); the fusion encoder four times (the positive pair, the two hard-negative
-    /// pairs, the masked caption); the MLM head over every position of the masked caption; the
-    /// projections and the ITM head on three pairs. Texts are `max_position_embeddings` tokens
+    /// pairs, the masked caption); the MLM head on the predicted tokens (`mlm_probability` of
+    /// the positions: the head runs on those alone); the projections and the ITM head on three pairs. Texts are `max_position_embeddings` tokens
     /// long. Left out: the momentum model's forward passes (no backward: image encoder, text
     /// encoder twice, fusion encoder and MLM head on the masked caption), the loss terms against
     /// the queues, embeddings lookups, LayerNorms, softmaxes and other elementwise work.
@@ -189,7 +189,8 @@ impl AlbefConfig {
         let k = self.text_layers() as f64;
         let text = k * self_layer;
         let fusion = (t.num_hidden_layers as f64 - k) * (self_layer + cross);
-        let mlm_head = 2.0 * l * w * w + 2.0 * l * w * t.vocab_size as f64;
+        let predicted = self.mlm_probability * l;
+        let mlm_head = 2.0 * predicted * w * w + 2.0 * predicted * w * t.vocab_size as f64;
         let heads = 2.0 * self.embed_dim as f64 * (image_width + w) + 3.0 * 2.0 * w * 2.0;
         vision + 2.0 * text + 4.0 * fusion + mlm_head + heads
     }

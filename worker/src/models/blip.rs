@@ -246,7 +246,8 @@ impl BlipConfig {
     /// MFU, counting the passes that are backpropagated, so that 3x this is the sample's training
     /// cost: the image encoder once; the unimodal text encoder once; the image-grounded encoder
     /// three times (the positive pair and the two hard-negative pairs); the decoder once with the
-    /// LM head at every position; the projections and the ITM head. Texts are `context_length`
+    /// LM head at the `context_length - 1` positions that can predict a next token (at most: the
+    /// head skips padding); the projections and the ITM head. Texts are `context_length`
     /// tokens long. Left out: the momentum model ([`BlipConfig::momentum_flops_per_sample`]), the
     /// loss terms against the queues, embedding lookups, LayerNorms, softmaxes and other
     /// elementwise work.
@@ -255,7 +256,7 @@ impl BlipConfig {
         let w = t.hidden_size as f64;
         let image_width = self.vision.transformer.width as f64;
         let l = self.context_length as f64;
-        let lm_head = 2.0 * l * w * w + 2.0 * l * w * t.vocab_size as f64;
+        let lm_head = 2.0 * (l - 1.0) * w * w + 2.0 * (l - 1.0) * w * t.vocab_size as f64;
         let heads = 2.0 * self.embed_dim as f64 * (image_width + w) + 3.0 * 2.0 * w * 2.0;
         self.image_encoder_flops() + self.text_flops(false) + 4.0 * self.text_flops(true) + lm_head + heads
     }
