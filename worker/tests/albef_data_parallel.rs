@@ -6,6 +6,9 @@
 //! With per-worker negatives the ranks draw from their own batch, so the draws (and the run)
 //! depend on W by design; the test checks that they stay inside each rank's slice.
 
+// The shared test helpers; this test uses the ring of threads, the batches and the state
+// comparison, not the reference comparison.
+#[allow(dead_code)]
 mod common;
 
 use std::collections::HashMap;
@@ -15,9 +18,9 @@ use braid::collective::{RingCollective, RingListener};
 use braid::data::mlm::MaskingVocab;
 use braid::models::albef::AlbefConfig;
 use braid::trainer::albef::DrawnNegatives;
-use braid::trainer::{seeded, DeviceBatch, ModelSpec, Trainer};
+use braid::trainer::{DeviceBatch, ModelSpec, Trainer};
 use braid_coordinator::config::JobConfig;
-use common::{max_relative_difference, on_ring_ranks, trained_and_restored};
+use common::{caption_batch, max_relative_difference, on_ring_ranks, trained_and_restored};
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 16;
@@ -42,27 +45,9 @@ fn spec(config: &JobConfig) -> ModelSpec {
     ModelSpec::Albef { config: albef, vocab, context_length: CONTEXT }
 }
 
-/// Global batch `step`: random images, `[CLS] words [SEP]` captions of 3..=8 words then
-/// padding, positions `step * BATCH + i`.
+/// Global batch `step` (see [`caption_batch`]).
 fn global_batch(step: u64) -> DeviceBatch {
-    seeded(100 + step, || {
-        let words = Tensor::randint_low(5, VOCAB, [BATCH, CONTEXT], (Kind::Int64, Device::Cpu));
-        let lengths = Tensor::randint_low(3, 9, [BATCH], (Kind::Int64, Device::Cpu));
-        let index = Tensor::arange(CONTEXT, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        let eot = &lengths + 1;
-        let tokens = words
-            .masked_fill(&index.eq(0), 2)
-            .masked_fill(&index.eq_tensor(&eot.unsqueeze(1)), 3)
-            .masked_fill(&index.gt_tensor(&eot.unsqueeze(1)), 0);
-        DeviceBatch {
-            images: Tensor::randn([BATCH, 3, 32, 32], (Kind::Double, Device::Cpu)),
-            tokens,
-            eot_index: eot,
-            valid: Tensor::ones([BATCH], (Kind::Bool, Device::Cpu)),
-            word_ids: None,
-            positions: Tensor::arange_start(step as i64 * BATCH, (step as i64 + 1) * BATCH, (Kind::Int64, Device::Cpu)),
-        }
-    })
+    caption_batch(100 + step, step, BATCH, CONTEXT, VOCAB, 5)
 }
 
 /// What a run ends with: rank 0's whole state, and every step's draws of every rank.

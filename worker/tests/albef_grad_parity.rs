@@ -31,16 +31,18 @@
 //! relative; a wrong detach, a wrong average or a missing path changes gradients at the percent
 //! level, and even a distillation weight off by `1e-6` moves most gradients by `1e-6` relative.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+// The shared test helpers; this test uses the batches, the ring of one and the reference comparison.
+#[allow(dead_code)]
+mod common;
 
-use braid::collective::{RingCollective, RingListener};
+use std::collections::HashMap;
+
 use braid::data::mlm::{Masker, MaskingConfig, MaskingInputs, MaskingVocab, IGNORE_INDEX};
 use braid::models::albef::{export_torchmultimodal, import_torchmultimodal, AlbefConfig};
-use braid::trainer::{seeded, DeviceBatch, ModelSpec, Trainer};
+use braid::trainer::{DeviceBatch, ModelSpec, Trainer};
 use braid_coordinator::config::JobConfig;
+use common::reference::{assert_rows_hold, compare, largest_entry, momentum_gap, perturb_momentum, read, run_python, under};
+use common::{caption_batch, single_rank};
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 8;
@@ -193,27 +195,9 @@ fn albef_config() -> AlbefConfig {
     albef
 }
 
-/// Global batch `step`: random images, `[CLS] words [SEP]` captions of 3..=8 words then
-/// padding, positions `step * BATCH + i`.
+/// Global batch `step` (see [`caption_batch`]).
 fn global_batch(step: u64) -> DeviceBatch {
-    seeded(200 + step, || {
-        let words = Tensor::randint_low(5, VOCAB, [BATCH, CONTEXT], (Kind::Int64, Device::Cpu));
-        let lengths = Tensor::randint_low(3, 9, [BATCH], (Kind::Int64, Device::Cpu));
-        let index = Tensor::arange(CONTEXT, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        let eot = &lengths + 1;
-        let tokens = words
-            .masked_fill(&index.eq(0), 2)
-            .masked_fill(&index.eq_tensor(&eot.unsqueeze(1)), 3)
-            .masked_fill(&index.gt_tensor(&eot.unsqueeze(1)), 0);
-        DeviceBatch {
-            images: Tensor::randn([BATCH, 3, 32, 32], (Kind::Double, Device::Cpu)),
-            tokens,
-            eot_index: eot,
-            valid: Tensor::ones([BATCH], (Kind::Bool, Device::Cpu)),
-            word_ids: None,
-            positions: Tensor::arange_start(step as i64 * BATCH, (step as i64 + 1) * BATCH, (Kind::Int64, Device::Cpu)),
-        }
-    })
+    caption_batch(200 + step, step, BATCH, CONTEXT, VOCAB, 5)
 }
 
 /// The masked captions and labels of `batch`, as braid's masker makes them for a job with
@@ -227,25 +211,6 @@ fn masked(batch: &DeviceBatch, seed: u64) -> (Tensor, Tensor) {
     let inputs = MaskingInputs { token_ids: &tokens, attention_mask: &mask, word_ids: None, positions: &positions };
     let out = masker.mask_batch(inputs).unwrap();
     (Tensor::from_slice(&out.input_ids).view([BATCH, CONTEXT]), Tensor::from_slice(&out.labels).view([BATCH, CONTEXT]))
-}
-
-/// Runs [`REFERENCE`] with the venv's Python on `dir`; returns its stdout.
-fn python(dir: &Path) -> String {
-    let path = dir.join("albef_grad_reference.py");
-    std::fs::write(&path, REFERENCE).unwrap();
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    let out = Command::new(&python).arg(&path).arg(dir).output().expect("run the venv's python");
-    assert!(out.status.success(), "python script failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
-}
-
-/// The named tensors of `state` under `prefix`, prefix stripped, copied.
-fn under(state: &[(String, Tensor)], prefix: &str) -> Vec<(String, Tensor)> {
-    state.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|rest| (rest.to_string(), t.copy()))).collect()
 }
 
 /// The part of the model a parameter belongs to, for the report.
@@ -277,8 +242,7 @@ fn step_gradients_match_torchmultimodal() {
     let config = job();
     let albef = albef_config();
     let spec = ModelSpec::Albef { config: albef, vocab: vocab(), context_length: CONTEXT };
-    let (listener, endpoint) = RingListener::bind("127.0.0.1:0").unwrap();
-    let mut coll = RingCollective::connect(listener, 0, 1, &[endpoint], 1, Duration::from_secs(60)).unwrap();
+    let mut coll = single_rank();
     let mut trainer = Trainer::new(&config, spec, Device::Cpu).unwrap();
 
     // Fill the queues with momentum features, then move the momentum weights away from the
@@ -286,17 +250,7 @@ fn step_gradients_match_torchmultimodal() {
     for step in 0..WARM_UP {
         trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
     }
-    let perturbed: Vec<(String, Tensor)> = seeded(17, || {
-        trainer
-            .state()
-            .into_iter()
-            .map(|(n, t)| {
-                let t = if n.starts_with("momentum.") { &t + t.randn_like() * 0.02 } else { t.copy() };
-                (n, t)
-            })
-            .collect()
-    });
-    trainer.load_state(perturbed, "the perturbed state").unwrap();
+    perturb_momentum(&mut trainer, 17);
 
     let step = WARM_UP;
     let batch = global_batch(step);
@@ -326,8 +280,7 @@ fn step_gradients_match_torchmultimodal() {
     let column = |c: Option<usize>| c.expect("every sample has a negative") as i64;
     let negatives_image: Vec<i64> = drawn.iter().map(|d| column(d.image)).collect();
     let negatives_text: Vec<i64> = drawn.iter().map(|d| column(d.text)).collect();
-    let online_by_name: HashMap<&str, &Tensor> = online.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let gap = momentum.iter().map(|(n, t_m)| (online_by_name[n.as_str()] - t_m).abs().max().double_value(&[])).fold(f64::INFINITY, f64::min);
+    let gap = momentum_gap(&online, &momentum);
     assert!(gap > 1e-2, "a momentum tensor differs from its online one by only {gap:e}");
 
     let dir = tempfile::tempdir().unwrap();
@@ -352,7 +305,7 @@ fn step_gradients_match_torchmultimodal() {
     ];
     Tensor::write_safetensors(&contiguous(inputs), dir.path().join("inputs.safetensors")).unwrap();
 
-    print!("{}", python(dir.path()));
+    print!("{}", run_python(REFERENCE, "albef_grad_reference.py", dir.path()));
     let losses = read(&dir.path().join("losses.safetensors"));
     let reference_loss = losses["loss"].double_value(&[0]);
     println!("braid loss     {loss:.15} (alpha {alpha}), difference {:.3e}", (loss - reference_loss).abs());
@@ -365,50 +318,9 @@ fn step_gradients_match_torchmultimodal() {
     assert!(no_momentum.is_empty(), "the reference has no gradients for momentum weights");
     reference.extend(reference_heads);
     let reference: HashMap<String, Tensor> = reference.into_iter().collect();
-    let mut names: Vec<&String> = grads.keys().collect();
-    names.sort();
-    assert_eq!(names.len(), reference.len(), "the reference has a gradient for every parameter and no other");
-
-    let global = reference.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
-    // (name, max abs difference, largest reference entry, tolerance)
-    let rows: Vec<(String, f64, f64, f64)> = names
-        .iter()
-        .map(|name| {
-            let expected = reference.get(name.as_str()).unwrap_or_else(|| panic!("no reference gradient for {name}"));
-            let got = &grads[name.as_str()];
-            assert_eq!(got.size(), expected.size(), "{name}: shape");
-            let scale = expected.abs().max().double_value(&[]);
-            let diff = (got - expected).abs().max().double_value(&[]);
-            (name.to_string(), diff, scale, RELATIVE * scale + FLOOR * global)
-        })
-        .collect();
-
+    let rows = compare(&grads, &reference, RELATIVE, FLOOR);
+    println!("largest gradient entry of the model {:.3e}", largest_entry(&reference));
     let text_layers = albef.text_layers();
-    let mut groups: Vec<&str> = rows.iter().map(|(n, ..)| group(n, text_layers)).collect();
-    groups.sort();
-    groups.dedup();
-    println!("largest gradient entry of the model {global:.3e}");
-    for g in groups {
-        let members: Vec<&(String, f64, f64, f64)> = rows.iter().filter(|(n, ..)| group(n, text_layers) == g).collect();
-        let (worst, diff, _, _) = members.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
-        let scale = members.iter().map(|r| r.2).fold(0.0, f64::max);
-        let margin = members.iter().map(|r| r.1 / r.3).fold(0.0, f64::max);
-        println!(
-            "{g:>16}: {:>3} tensors, max |grad| {scale:.3e}, max abs difference {diff:.3e} ({worst}), at most {margin:.1e} of the bound",
-            members.len()
-        );
-    }
-    let mut by_margin: Vec<&(String, f64, f64, f64)> = rows.iter().collect();
-    by_margin.sort_by(|a, b| (b.1 / b.3).total_cmp(&(a.1 / a.3)));
-    println!("closest to the bound:");
-    for (name, diff, scale, tolerance) in by_margin.iter().take(5) {
-        println!("  {name}: difference {diff:.3e}, max |grad| {scale:.3e}, bound {tolerance:.3e}");
-    }
-    let failures: Vec<String> = rows
-        .iter()
-        .filter(|(_, diff, _, tolerance)| diff.is_nan() || diff > tolerance)
-        .map(|(name, diff, scale, tolerance)| format!("{name}: difference {diff:e} (max |grad| {scale:e}, bound {tolerance:e})"))
-        .collect();
-    assert!(failures.is_empty(), "{} gradients differ from the reference:\n{}", failures.len(), failures.join("\n"));
+    assert_rows_hold(&rows, |name| group(name, text_layers));
     assert!((loss - reference_loss).abs() <= 1e-12 * reference_loss.abs(), "loss {loss} vs reference {reference_loss}");
 }

@@ -11,15 +11,18 @@
 //! exactly, bf16 ranks stay replicas with global negatives, and the model spec takes BLIP's
 //! special tokens from the tokenizer.
 
+// The shared test helpers; this test uses the ring of threads, the batches and the state
+// comparison, not the reference comparison.
+#[allow(dead_code)]
 mod common;
 
 use std::collections::HashMap;
 
 use braid::models::blip::{Blip, BlipConfig, BlipTokens};
 use braid::trainer::blip::{lm_loss_sum, lm_targets, with_first_token, DrawnNegatives};
-use braid::trainer::{seeded, DeviceBatch, ModelSpec, Trainer};
+use braid::trainer::{DeviceBatch, ModelSpec, Trainer};
 use braid_coordinator::config::JobConfig;
-use common::{max_relative_difference, on_ring_ranks, trained_and_restored};
+use common::{caption_batch, max_relative_difference, on_ring_ranks, trained_and_restored};
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 16;
@@ -49,36 +52,18 @@ fn spec(config: &JobConfig) -> ModelSpec {
     ModelSpec::Blip { config: blip, context_length: CONTEXT }
 }
 
-/// Global batch `step`: random images, `[CLS] words [SEP]` captions of 3..=8 words then
-/// padding, positions `step * BATCH + i`; at odd steps sample 5 failed to load (zero image and
-/// tokens, not valid).
+/// Global batch `step` ([`caption_batch`]; its `[SEP]` 3 and `[PAD]` 0 are `TOKENS'`); at odd
+/// steps sample 5 failed to load (zero image and tokens, not valid).
 fn global_batch(step: u64) -> DeviceBatch {
-    seeded(100 + step, || {
-        let words = Tensor::randint_low(7, VOCAB, [BATCH, CONTEXT], (Kind::Int64, Device::Cpu));
-        let lengths = Tensor::randint_low(3, 9, [BATCH], (Kind::Int64, Device::Cpu));
-        let index = Tensor::arange(CONTEXT, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        let eot = &lengths + 1;
-        let tokens = words
-            .masked_fill(&index.eq(0), 2)
-            .masked_fill(&index.eq_tensor(&eot.unsqueeze(1)), 3)
-            .masked_fill(&index.gt_tensor(&eot.unsqueeze(1)), 0);
-        let images = Tensor::randn([BATCH, 3, 32, 32], (Kind::Double, Device::Cpu));
-        let valid = Tensor::ones([BATCH], (Kind::Bool, Device::Cpu));
-        if step % 2 == 1 {
-            let _ = tokens.get(5).fill_(0);
-            let _ = eot.get(5).fill_(0);
-            let _ = images.get(5).fill_(0.0);
-            let _ = valid.get(5).fill_(0);
-        }
-        DeviceBatch {
-            images,
-            tokens,
-            eot_index: eot,
-            valid,
-            word_ids: None,
-            positions: Tensor::arange_start(step as i64 * BATCH, (step as i64 + 1) * BATCH, (Kind::Int64, Device::Cpu)),
-        }
-    })
+    const _: () = assert!(TOKENS.sep_token_id == 3 && TOKENS.pad_token_id == 0);
+    let batch = caption_batch(100 + step, step, BATCH, CONTEXT, VOCAB, 7);
+    if step % 2 == 1 {
+        let _ = batch.tokens.get(5).fill_(0);
+        let _ = batch.eot_index.get(5).fill_(0);
+        let _ = batch.images.get(5).fill_(0.0);
+        let _ = batch.valid.get(5).fill_(0);
+    }
+    batch
 }
 
 /// What a run ends with: rank 0's whole state, every step's draws of every rank, losses and

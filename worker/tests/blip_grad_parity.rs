@@ -35,15 +35,18 @@
 //! weight and the label smoothing each moved by `1e-6`, must fail it for the decoder, the LM head
 //! and the projections.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+// The shared test helpers; this test uses the batches, the ring of one and the reference comparison.
+#[allow(dead_code)]
+mod common;
 
-use braid::collective::{RingCollective, RingListener};
+use std::collections::HashMap;
+use std::path::Path;
+
 use braid::models::blip::{export_transformers, import_transformers, BlipConfig, BlipTokens};
 use braid::objectives::itm::{draw, uniform, Direction};
-use braid::trainer::{seeded, DeviceBatch, ModelSpec, Trainer};
+use braid::trainer::{DeviceBatch, ModelSpec, Trainer};
+use common::reference::{assert_rows_hold, compare, largest_entry, momentum_gap, perturb_momentum, read, run_python, under};
+use common::{caption_batch, single_rank};
 use braid_coordinator::config::JobConfig;
 use tch::{Device, Kind, Tensor};
 
@@ -227,46 +230,10 @@ fn blip_config() -> BlipConfig {
     blip
 }
 
-/// Global batch `step`: random images, `[CLS] words [SEP]` captions of 3..=8 words then
-/// padding, positions `step * BATCH + i`.
+/// Global batch `step` (see [`caption_batch`]; its `[SEP]` 3 and `[PAD]` 0 are `TOKENS`').
 fn global_batch(step: u64) -> DeviceBatch {
-    seeded(200 + step, || {
-        let words = Tensor::randint_low(7, VOCAB, [BATCH, CONTEXT], (Kind::Int64, Device::Cpu));
-        let lengths = Tensor::randint_low(3, 9, [BATCH], (Kind::Int64, Device::Cpu));
-        let index = Tensor::arange(CONTEXT, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        let eot = &lengths + 1;
-        let tokens = words
-            .masked_fill(&index.eq(0), 2)
-            .masked_fill(&index.eq_tensor(&eot.unsqueeze(1)), TOKENS.sep_token_id)
-            .masked_fill(&index.gt_tensor(&eot.unsqueeze(1)), TOKENS.pad_token_id);
-        DeviceBatch {
-            images: Tensor::randn([BATCH, 3, 32, 32], (Kind::Double, Device::Cpu)),
-            tokens,
-            eot_index: eot,
-            valid: Tensor::ones([BATCH], (Kind::Bool, Device::Cpu)),
-            word_ids: None,
-            positions: Tensor::arange_start(step as i64 * BATCH, (step as i64 + 1) * BATCH, (Kind::Int64, Device::Cpu)),
-        }
-    })
-}
-
-/// Runs [`REFERENCE`] with the venv's Python on `dir`; returns its stdout.
-fn python(dir: &Path) -> String {
-    let path = dir.join("blip_grad_reference.py");
-    std::fs::write(&path, REFERENCE).unwrap();
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    let out = Command::new(&python).arg(&path).arg(dir).output().expect("run the venv's python");
-    assert!(out.status.success(), "python script failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
-}
-
-/// The named tensors of `state` under `prefix`, prefix stripped, copied.
-fn under(state: &[(String, Tensor)], prefix: &str) -> Vec<(String, Tensor)> {
-    state.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|rest| (rest.to_string(), t.copy()))).collect()
+    const _: () = assert!(TOKENS.sep_token_id == 3 && TOKENS.pad_token_id == 0);
+    caption_batch(200 + step, step, BATCH, CONTEXT, VOCAB, 7)
 }
 
 /// The reference gradients of `file` under braid's names: the `retrieval/` and `captioning/`
@@ -310,33 +277,12 @@ fn group(name: &str) -> &'static str {
     }
 }
 
-/// One row per parameter of `grads`: (name, max abs difference from `reference`, largest
-/// reference entry, tolerance).
-fn compare(grads: &HashMap<String, Tensor>, reference: &HashMap<String, Tensor>) -> Vec<(String, f64, f64, f64)> {
-    let mut names: Vec<&String> = grads.keys().collect();
-    names.sort();
-    assert_eq!(names.len(), reference.len(), "the reference has a gradient for every parameter and no other");
-    let global = reference.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
-    names
-        .iter()
-        .map(|name| {
-            let expected = reference.get(name.as_str()).unwrap_or_else(|| panic!("no reference gradient for {name}"));
-            let got = &grads[name.as_str()];
-            assert_eq!(got.size(), expected.size(), "{name}: shape");
-            let scale = expected.abs().max().double_value(&[]);
-            let diff = (got - expected).abs().max().double_value(&[]);
-            (name.to_string(), diff, scale, RELATIVE * scale + FLOOR * global)
-        })
-        .collect()
-}
-
 #[test]
 fn step_gradients_match_transformers() {
     let config = job();
     let blip = blip_config();
     let spec = ModelSpec::Blip { config: blip, context_length: CONTEXT };
-    let (listener, endpoint) = RingListener::bind("127.0.0.1:0").unwrap();
-    let mut coll = RingCollective::connect(listener, 0, 1, &[endpoint], 1, Duration::from_secs(60)).unwrap();
+    let mut coll = single_rank();
     let mut trainer = Trainer::new(&config, spec, Device::Cpu).unwrap();
 
     // Fill the queues with momentum features, then move the momentum weights away from the
@@ -344,17 +290,7 @@ fn step_gradients_match_transformers() {
     for step in 0..WARM_UP {
         trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
     }
-    let perturbed: Vec<(String, Tensor)> = seeded(17, || {
-        trainer
-            .state()
-            .into_iter()
-            .map(|(n, t)| {
-                let t = if n.starts_with("momentum.") { &t + t.randn_like() * 0.02 } else { t.copy() };
-                (n, t)
-            })
-            .collect()
-    });
-    trainer.load_state(perturbed, "the perturbed state").unwrap();
+    perturb_momentum(&mut trainer, 17);
 
     let step = WARM_UP;
     let batch = global_batch(step);
@@ -380,10 +316,9 @@ fn step_gradients_match_transformers() {
     let column = |c: Option<usize>| c.expect("BLIP's +1e-4 leaves every sample a negative") as i64;
     let negatives_image: Vec<i64> = drawn.iter().map(|d| column(d.image)).collect();
     let negatives_text: Vec<i64> = drawn.iter().map(|d| column(d.text)).collect();
-    let online_by_name: HashMap<&str, &Tensor> = online.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let gap = momentum.iter().map(|(n, t_m)| (online_by_name[n.as_str()] - t_m).abs().max().double_value(&[])).fold(f64::INFINITY, f64::min);
+    let gap = momentum_gap(&online, &momentum);
     assert!(gap > 1e-2, "a momentum tensor differs from its online one by only {gap:e}");
-    let temp = online_by_name["temp"].double_value(&[]);
+    let temp = online.iter().find(|(n, _)| n == "temp").expect("the temperature").1.double_value(&[]);
 
     let dir = tempfile::tempdir().unwrap();
     let contiguous = |list: Vec<(String, Tensor)>| list.into_iter().map(|(n, t)| (n, t.contiguous())).collect::<Vec<_>>();
@@ -413,7 +348,7 @@ fn step_gradients_match_transformers() {
     ];
     Tensor::write_safetensors(&contiguous(inputs), dir.path().join("inputs.safetensors")).unwrap();
 
-    print!("{}", python(dir.path()));
+    print!("{}", run_python(REFERENCE, "blip_grad_reference.py", dir.path()));
     let losses = read(&dir.path().join("losses.safetensors"));
     let reference_loss = losses["loss"].double_value(&[0]);
     println!("braid loss     {loss:.15} (alpha {alpha}, temp {temp:.6}), difference {:.3e}", (loss - reference_loss).abs());
@@ -430,39 +365,14 @@ fn step_gradients_match_transformers() {
     }
 
     let reference = reference_grads(&dir.path().join("grads.safetensors"), &blip);
-    let rows = compare(&grads, &reference);
-    let global = reference.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
-    let mut groups: Vec<&str> = rows.iter().map(|(n, ..)| group(n)).collect();
-    groups.sort();
-    groups.dedup();
-    println!("largest gradient entry of the model {global:.3e}");
-    for g in groups {
-        let members: Vec<&(String, f64, f64, f64)> = rows.iter().filter(|(n, ..)| group(n) == g).collect();
-        let (worst, diff, _, _) = members.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
-        let scale = members.iter().map(|r| r.2).fold(0.0, f64::max);
-        let margin = members.iter().map(|r| r.1 / r.3).fold(0.0, f64::max);
-        println!(
-            "{g:>22}: {:>3} tensors, max |grad| {scale:.3e}, max abs difference {diff:.3e} ({worst}), at most {margin:.1e} of the bound",
-            members.len()
-        );
-    }
-    let mut by_margin: Vec<&(String, f64, f64, f64)> = rows.iter().collect();
-    by_margin.sort_by(|a, b| (b.1 / b.3).total_cmp(&(a.1 / a.3)));
-    println!("closest to the bound:");
-    for (name, diff, scale, tolerance) in by_margin.iter().take(5) {
-        println!("  {name}: difference {diff:.3e}, max |grad| {scale:.3e}, bound {tolerance:.3e}");
-    }
-    let failures: Vec<String> = rows
-        .iter()
-        .filter(|(_, diff, _, tolerance)| diff.is_nan() || diff > tolerance)
-        .map(|(name, diff, scale, tolerance)| format!("{name}: difference {diff:e} (max |grad| {scale:e}, bound {tolerance:e})"))
-        .collect();
-    assert!(failures.is_empty(), "{} gradients differ from the reference:\n{}", failures.len(), failures.join("\n"));
+    let rows = compare(&grads, &reference, RELATIVE, FLOOR);
+    println!("largest gradient entry of the model {:.3e}", largest_entry(&reference));
+    assert_rows_hold(&rows, group);
     assert!((loss - reference_loss).abs() <= 1e-12 * reference_loss.abs(), "loss {loss} vs reference {reference_loss}");
 
     // The bound can fail: alpha and the label smoothing moved by NUDGE.
-    let nudged = compare(&grads, &reference_grads(&dir.path().join("nudged.safetensors"), &blip));
-    let failed: Vec<&str> = nudged.iter().filter(|(_, diff, _, tolerance)| diff > tolerance).map(|(n, ..)| n.as_str()).collect();
+    let nudged = compare(&grads, &reference_grads(&dir.path().join("nudged.safetensors"), &blip), RELATIVE, FLOOR);
+    let failed: Vec<&str> = nudged.iter().filter(|r| !r.holds()).map(|r| r.name.as_str()).collect();
     println!("alpha and label smoothing moved by {NUDGE:e}: {} of {} gradients outside the bound", failed.len(), nudged.len());
     for g in ["decoder self-attention", "lm head", "projections", "temperature"] {
         assert!(failed.iter().any(|n| group(n) == g), "moving alpha and the label smoothing by {NUDGE:e} leaves every {g} gradient inside the bound");

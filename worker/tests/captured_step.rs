@@ -7,12 +7,15 @@
 //! statistics and the same parameters and optimizer moments, bit for bit. A GPU replays the
 //! same work from a CUDA graph (`bench/gpu.sh` compares it there).
 
-use std::collections::HashMap;
-use std::time::Duration;
+// The shared test helpers; this test uses the ring of one only.
+#[allow(dead_code)]
+mod common;
 
-use braid::collective::{RingCollective, RingListener};
+use std::collections::HashMap;
+
 use braid::trainer::{clip_config, seeded, DeviceBatch, StepCapture, StepStats, Trainer, CAPTURE_AFTER_STEPS};
 use braid_coordinator::config::JobConfig;
+use common::single_rank;
 use tch::{Device, Kind, Tensor};
 
 const VOCAB: i64 = 50;
@@ -41,11 +44,6 @@ fn batch(step: u64) -> DeviceBatch {
         word_ids: None,
         positions: Tensor::arange(size, (Kind::Int64, Device::Cpu)),
     })
-}
-
-fn single_rank() -> RingCollective {
-    let (listener, _) = RingListener::bind("127.0.0.1:0").unwrap();
-    RingCollective::connect(listener, 0, 1, &["127.0.0.1:0".to_string()], 0, Duration::from_secs(20)).unwrap()
 }
 
 /// Trains `STEPS` steps; returns every step's statistics, whether it ran from the captured

@@ -1,11 +1,46 @@
-//! What the data-parallel tests share: ranks as threads joined by the
-//! TCP ring, and the comparison of two trainers' states.
+//! What the data-parallel and reference tests share: ranks as threads joined by the TCP ring,
+//! the synthetic caption batches, the comparison of two trainers' states, and (in
+//! [`reference`]) the comparison of a training step's gradients with a Python reference.
+
+pub mod reference;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use braid::collective::{RingCollective, RingListener};
-use tch::{Kind, Tensor};
+use braid::trainer::{seeded, DeviceBatch};
+use tch::{Device, Kind, Tensor};
+
+/// Rank 0 of a ring of one.
+pub fn single_rank() -> RingCollective {
+    let (listener, endpoint) = RingListener::bind("127.0.0.1:0").unwrap();
+    RingCollective::connect(listener, 0, 1, &[endpoint], 1, Duration::from_secs(60)).unwrap()
+}
+
+/// A global batch of `batch` samples drawn with libtorch's generator seeded by `seed`: random
+/// 32x32 images, and `[CLS]` (2), 3 to 8 words with ids in `first_word..vocab`, `[SEP]` (3),
+/// then `[PAD]` (0) up to `context` tokens; every sample valid, positions
+/// `step * batch + i`.
+pub fn caption_batch(seed: u64, step: u64, batch: i64, context: i64, vocab: i64, first_word: i64) -> DeviceBatch {
+    seeded(seed, || {
+        let words = Tensor::randint_low(first_word, vocab, [batch, context], (Kind::Int64, Device::Cpu));
+        let lengths = Tensor::randint_low(3, 9, [batch], (Kind::Int64, Device::Cpu));
+        let index = Tensor::arange(context, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        let eot = &lengths + 1;
+        let tokens = words
+            .masked_fill(&index.eq(0), 2)
+            .masked_fill(&index.eq_tensor(&eot.unsqueeze(1)), 3)
+            .masked_fill(&index.gt_tensor(&eot.unsqueeze(1)), 0);
+        DeviceBatch {
+            images: Tensor::randn([batch, 3, 32, 32], (Kind::Double, Device::Cpu)),
+            tokens,
+            eot_index: eot,
+            valid: Tensor::ones([batch], (Kind::Bool, Device::Cpu)),
+            word_ids: None,
+            positions: Tensor::arange_start(step as i64 * batch, (step as i64 + 1) * batch, (Kind::Int64, Device::Cpu)),
+        }
+    })
+}
 
 /// Runs `rank_main(rank, collective)` on `world_size` threads joined by the TCP ring (one
 /// libtorch thread each); returns their results in rank order.
@@ -65,8 +100,7 @@ pub fn trained_and_restored(
     batch: impl Fn(u64) -> braid::trainer::DeviceBatch,
     steps: u64,
 ) -> (braid::trainer::Trainer, braid::trainer::Trainer, RingCollective) {
-    let (listener, endpoint) = RingListener::bind("127.0.0.1:0").unwrap();
-    let mut coll = RingCollective::connect(listener, 0, 1, &[endpoint], 1, Duration::from_secs(60)).unwrap();
+    let mut coll = single_rank();
     let mut trainer = make();
     for step in 0..steps {
         trainer.train_step(step, &batch(step), &mut coll).unwrap();
