@@ -41,7 +41,7 @@ use braid::data::mlm::{Masker, MaskingConfig, MaskingInputs, MaskingVocab, IGNOR
 use braid::models::albef::{export_torchmultimodal, import_torchmultimodal, AlbefConfig};
 use braid::trainer::{DeviceBatch, ModelSpec, Trainer};
 use braid_coordinator::config::JobConfig;
-use common::reference::{assert_rows_hold, compare, largest_entry, momentum_gap, perturb_momentum, read, run_python, under};
+use common::reference::{assert_rows_hold, checked_step, compare, largest_entry, read, run_python};
 use common::{caption_batch, single_rank};
 use tch::{Device, Kind, Tensor};
 
@@ -245,32 +245,15 @@ fn step_gradients_match_torchmultimodal() {
     let mut coll = single_rank();
     let mut trainer = Trainer::new(&config, spec, Device::Cpu).unwrap();
 
-    // Fill the queues with momentum features, then move the momentum weights away from the
-    // online ones (a few steps at m = 0.995 barely separate them).
-    for step in 0..WARM_UP {
-        trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
-    }
-    perturb_momentum(&mut trainer, 17);
-
-    let step = WARM_UP;
-    let batch = global_batch(step);
-    let state: Vec<(String, Tensor)> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
-    let (loss, samples) = trainer.compute_gradients(step, &batch, &mut coll).unwrap();
-    assert_eq!(samples, BATCH as u64);
-    let grads: HashMap<String, Tensor> = trainer.named_grads().into_iter().map(|(n, g)| (n, g.copy())).collect();
+    let checked = checked_step(&mut trainer, &mut coll, global_batch, WARM_UP, QUEUE);
+    let (step, batch) = (WARM_UP, global_batch(WARM_UP));
+    let (loss, grads, online, momentum) = (checked.loss, &checked.grads, &checked.online, &checked.momentum);
     let family = trainer.albef().unwrap();
     let alpha = family.alpha_at(step);
     assert!(alpha > 0.0 && alpha < albef.alpha, "the checked step is inside the ramp: alpha {alpha}");
 
     // What the step used: weights, queues, masked captions, hard negatives.
-    let online = under(&state, "model.");
-    let momentum = under(&state, "momentum.");
-    let queue = |name: &str| state.iter().find(|(n, _)| n == name).unwrap().1.shallow_clone();
-    assert_eq!(queue("queue.image.pointer").int64_value(&[]), (WARM_UP as i64 * BATCH) % QUEUE);
-    for side in ["image", "text"] {
-        let valid = queue(&format!("queue.{side}.valid")).to_kind(Kind::Int64);
-        assert_eq!(valid.min().int64_value(&[]), 1, "every {side} queue slot is valid");
-    }
+    let queue = |name: &str| checked.get(name);
     let (masked_ids, labels) = masked(&batch, config.job.seed);
     assert!(labels.equal(&family.mlm_labels(&batch).unwrap()), "the masking reproduced here is the step's");
     let predicted = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
@@ -280,11 +263,9 @@ fn step_gradients_match_torchmultimodal() {
     let column = |c: Option<usize>| c.expect("every sample has a negative") as i64;
     let negatives_image: Vec<i64> = drawn.iter().map(|d| column(d.image)).collect();
     let negatives_text: Vec<i64> = drawn.iter().map(|d| column(d.text)).collect();
-    let gap = momentum_gap(&online, &momentum);
-    assert!(gap > 1e-2, "a momentum tensor differs from its online one by only {gap:e}");
 
     let dir = tempfile::tempdir().unwrap();
-    let mut weights = export_torchmultimodal(&online, Some(&momentum), &albef);
+    let mut weights = export_torchmultimodal(online, Some(momentum), &albef);
     weights.push(("image_queue".into(), queue("queue.image.features").transpose(0, 1)));
     weights.push(("text_queue".into(), queue("queue.text.features").transpose(0, 1)));
     let contiguous = |list: Vec<(String, Tensor)>| list.into_iter().map(|(n, t)| (n, t.contiguous())).collect::<Vec<_>>();
@@ -318,7 +299,7 @@ fn step_gradients_match_torchmultimodal() {
     assert!(no_momentum.is_empty(), "the reference has no gradients for momentum weights");
     reference.extend(reference_heads);
     let reference: HashMap<String, Tensor> = reference.into_iter().collect();
-    let rows = compare(&grads, &reference, RELATIVE, FLOOR);
+    let rows = compare(grads, &reference, RELATIVE, FLOOR);
     println!("largest gradient entry of the model {:.3e}", largest_entry(&reference));
     let text_layers = albef.text_layers();
     assert_rows_hold(&rows, |name| group(name, text_layers));

@@ -45,10 +45,10 @@ use std::path::Path;
 use braid::models::blip::{export_transformers, import_transformers, BlipConfig, BlipTokens};
 use braid::objectives::itm::{draw, uniform, Direction};
 use braid::trainer::{DeviceBatch, ModelSpec, Trainer};
-use common::reference::{assert_rows_hold, compare, largest_entry, momentum_gap, perturb_momentum, read, run_python, under};
+use common::reference::{assert_rows_hold, checked_step, compare, largest_entry, read, run_python};
 use common::{caption_batch, single_rank};
 use braid_coordinator::config::JobConfig;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 const BATCH: i64 = 8;
 const CONTEXT: i64 = 10;
@@ -285,45 +285,26 @@ fn step_gradients_match_transformers() {
     let mut coll = single_rank();
     let mut trainer = Trainer::new(&config, spec, Device::Cpu).unwrap();
 
-    // Fill the queues with momentum features, then move the momentum weights away from the
-    // online ones (a few steps at m = 0.995 barely separate them).
-    for step in 0..WARM_UP {
-        trainer.train_step(step, &global_batch(step), &mut coll).unwrap();
-    }
-    perturb_momentum(&mut trainer, 17);
-
-    let step = WARM_UP;
-    let batch = global_batch(step);
-    let state: Vec<(String, Tensor)> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
-    let (loss, samples) = trainer.compute_gradients(step, &batch, &mut coll).unwrap();
-    assert_eq!(samples, BATCH as u64);
-    let grads: HashMap<String, Tensor> = trainer.named_grads().into_iter().map(|(n, g)| (n, g.copy())).collect();
+    let checked = checked_step(&mut trainer, &mut coll, global_batch, WARM_UP, QUEUE);
+    let (step, batch) = (WARM_UP, global_batch(WARM_UP));
+    let (loss, grads, online, momentum) = (checked.loss, &checked.grads, &checked.online, &checked.momentum);
     let family = trainer.blip().unwrap();
     let alpha = family.alpha_at(step);
     assert!(alpha > 0.0 && alpha < blip.alpha, "the checked step is inside the ramp: alpha {alpha}");
 
     // What the step used: weights, queues, hard negatives.
-    let online = under(&state, "model.");
-    let momentum = under(&state, "momentum.");
-    let queue = |name: &str| state.iter().find(|(n, _)| n == name).unwrap().1.shallow_clone();
-    assert_eq!(queue("queue.image.pointer").int64_value(&[]), (WARM_UP as i64 * BATCH) % QUEUE);
-    for side in ["image", "text"] {
-        let valid = queue(&format!("queue.{side}.valid")).to_kind(Kind::Int64);
-        assert_eq!(valid.min().int64_value(&[]), 1, "every {side} queue slot is valid");
-    }
+    let queue = |name: &str| checked.get(name);
     let drawn = family.last_negatives().to_vec();
     assert_eq!(drawn.len(), BATCH as usize);
     let column = |c: Option<usize>| c.expect("BLIP's +1e-4 leaves every sample a negative") as i64;
     let negatives_image: Vec<i64> = drawn.iter().map(|d| column(d.image)).collect();
     let negatives_text: Vec<i64> = drawn.iter().map(|d| column(d.text)).collect();
-    let gap = momentum_gap(&online, &momentum);
-    assert!(gap > 1e-2, "a momentum tensor differs from its online one by only {gap:e}");
     let temp = online.iter().find(|(n, _)| n == "temp").expect("the temperature").1.double_value(&[]);
 
     let dir = tempfile::tempdir().unwrap();
     let contiguous = |list: Vec<(String, Tensor)>| list.into_iter().map(|(n, t)| (n, t.contiguous())).collect::<Vec<_>>();
-    let (retrieval, captioning) = export_transformers(&online, &blip);
-    let (momentum_retrieval, _) = export_transformers(&momentum, &blip);
+    let (retrieval, captioning) = export_transformers(online, &blip);
+    let (momentum_retrieval, _) = export_transformers(momentum, &blip);
     for (file, tensors) in [("retrieval", retrieval), ("captioning", captioning), ("momentum", momentum_retrieval)] {
         Tensor::write_safetensors(&contiguous(tensors), dir.path().join(format!("{file}.safetensors"))).unwrap();
     }
@@ -365,13 +346,13 @@ fn step_gradients_match_transformers() {
     }
 
     let reference = reference_grads(&dir.path().join("grads.safetensors"), &blip);
-    let rows = compare(&grads, &reference, RELATIVE, FLOOR);
+    let rows = compare(grads, &reference, RELATIVE, FLOOR);
     println!("largest gradient entry of the model {:.3e}", largest_entry(&reference));
     assert_rows_hold(&rows, group);
     assert!((loss - reference_loss).abs() <= 1e-12 * reference_loss.abs(), "loss {loss} vs reference {reference_loss}");
 
     // The bound can fail: alpha and the label smoothing moved by NUDGE.
-    let nudged = compare(&grads, &reference_grads(&dir.path().join("nudged.safetensors"), &blip), RELATIVE, FLOOR);
+    let nudged = compare(grads, &reference_grads(&dir.path().join("nudged.safetensors"), &blip), RELATIVE, FLOOR);
     let failed: Vec<&str> = nudged.iter().filter(|r| !r.holds()).map(|r| r.name.as_str()).collect();
     println!("alpha and label smoothing moved by {NUDGE:e}: {} of {} gradients outside the bound", failed.len(), nudged.len());
     for g in ["decoder self-attention", "lm head", "projections", "temperature"] {

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use braid::trainer::{seeded, Trainer};
-use tch::Tensor;
+use braid::collective::RingCollective;
+use braid::trainer::{seeded, DeviceBatch, Trainer};
+use tch::{Kind, Tensor};
 
 /// Writes `script` to `dir/name` and runs it with the venv's Python and `dir` as its argument;
 /// returns its stdout.
@@ -32,7 +33,7 @@ pub fn under(state: &[(String, Tensor)], prefix: &str) -> Vec<(String, Tensor)> 
 
 /// Moves every momentum weight of `trainer` by `0.02 * N(0, 1)` (a few steps at m = 0.995
 /// barely separate them from the online weights, and distillation is then hardly tested).
-pub fn perturb_momentum(trainer: &mut Trainer, seed: u64) {
+fn perturb_momentum(trainer: &mut Trainer, seed: u64) {
     let perturbed: Vec<(String, Tensor)> = seeded(seed, || {
         trainer
             .state()
@@ -48,9 +49,57 @@ pub fn perturb_momentum(trainer: &mut Trainer, seed: u64) {
 
 /// The smallest, over the momentum tensors, of the largest difference from the online tensor
 /// of the same name.
-pub fn momentum_gap(online: &[(String, Tensor)], momentum: &[(String, Tensor)]) -> f64 {
+fn momentum_gap(online: &[(String, Tensor)], momentum: &[(String, Tensor)]) -> f64 {
     let online: HashMap<&str, &Tensor> = online.iter().map(|(n, t)| (n.as_str(), t)).collect();
     momentum.iter().map(|(n, t_m)| (online[n.as_str()] - t_m).abs().max().double_value(&[])).fold(f64::INFINITY, f64::min)
+}
+
+/// The step a reference test checks, with what it started from.
+pub struct CheckedStep {
+    /// The step's global-batch loss.
+    pub loss: f64,
+    /// Every parameter's gradient.
+    pub grads: HashMap<String, Tensor>,
+    /// The trainer's whole state before the step (copied).
+    pub state: Vec<(String, Tensor)>,
+    /// The online weights before the step (`model.*`, prefix stripped).
+    pub online: Vec<(String, Tensor)>,
+    /// The momentum weights before the step (`momentum.*`, prefix stripped).
+    pub momentum: Vec<(String, Tensor)>,
+}
+
+impl CheckedStep {
+    /// The state tensor `name` before the step.
+    pub fn get(&self, name: &str) -> Tensor {
+        self.state.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no state tensor {name}")).1.shallow_clone()
+    }
+}
+
+/// Trains `warm_up` steps of `batch(step)` on one rank so the feature queues (`queue_len`
+/// entries) fill, moves the momentum weights away from the online ones
+/// ([`perturb_momentum`]), then computes the gradients of step `warm_up`. Checks that the
+/// queues are full of valid entries, that every sample of the step counts and that no momentum
+/// tensor is within 1e-2 of its online one.
+pub fn checked_step(trainer: &mut Trainer, coll: &mut RingCollective, batch: impl Fn(u64) -> DeviceBatch, warm_up: u64, queue_len: i64) -> CheckedStep {
+    for step in 0..warm_up {
+        trainer.train_step(step, &batch(step), coll).unwrap();
+    }
+    perturb_momentum(trainer, 17);
+    let checked = batch(warm_up);
+    let state: Vec<(String, Tensor)> = trainer.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let (loss, samples) = trainer.compute_gradients(warm_up, &checked, coll).unwrap();
+    assert_eq!(samples, checked.len() as u64, "every sample of the checked step counts");
+    let grads = trainer.named_grads().into_iter().map(|(n, g)| (n, g.copy())).collect();
+    let (online, momentum) = (under(&state, "model."), under(&state, "momentum."));
+    let step = CheckedStep { loss, grads, state, online, momentum };
+    assert_eq!(step.get("queue.image.pointer").int64_value(&[]), (warm_up as i64 * checked.len() as i64) % queue_len);
+    for side in ["image", "text"] {
+        let valid = step.get(&format!("queue.{side}.valid")).to_kind(Kind::Int64);
+        assert_eq!(valid.min().int64_value(&[]), 1, "every {side} queue slot is valid");
+    }
+    let gap = momentum_gap(&step.online, &step.momentum);
+    assert!(gap > 1e-2, "a momentum tensor differs from its online one by only {gap:e}");
+    step
 }
 
 /// One parameter's gradient against the reference's.
