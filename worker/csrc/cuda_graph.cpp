@@ -7,6 +7,8 @@
 // success).
 
 #include <torch/torch.h>
+
+#include "error_message.h"
 #include <cstring>
 #include <optional>
 #include <string>
@@ -18,13 +20,6 @@
 #endif
 
 namespace {
-
-char *graph_error(const std::exception &e) {
-  std::string msg = e.what();
-  auto cut = msg.find("\nException raised from");
-  if (cut != std::string::npos) msg.resize(cut);
-  return strdup(msg.c_str());
-}
 
 #ifdef BRAID_CUDA
 // (c10's stream guards are avoided: their inline device hooks would tie this file to cudart.)
@@ -82,7 +77,7 @@ char *braid_graph_capture_begin(int64_t device, void **out) {
   } catch (const std::exception &e) {
     if (g != nullptr) g->restore();
     delete g;
-    return graph_error(e);
+    return braid::error_message(e);
   }
 #else
   (void)device;
@@ -100,7 +95,7 @@ char *braid_graph_capture_end(void *graph) {
   try {
     g->graph.capture_end();
   } catch (const std::exception &e) {
-    message = graph_error(e);
+    message = braid::error_message(e);
   }
   g->restore();
   return message;
@@ -117,7 +112,7 @@ char *braid_graph_replay(void *graph) {
     static_cast<Graph *>(graph)->graph.replay();
     return nullptr;
   } catch (const std::exception &e) {
-    return graph_error(e);
+    return braid::error_message(e);
   }
 #else
   (void)graph;

@@ -4,6 +4,8 @@
 // malloc'd message (null on success).
 
 #include <torch/torch.h>
+
+#include "error_message.h"
 #include <cstring>
 
 #ifdef BRAID_CUDA
@@ -25,7 +27,7 @@ char *braid_cuda_memory(int64_t device, int64_t *stats) {
     stats[3] = s.reserved_bytes[all].peak;
     return nullptr;
   } catch (const std::exception &e) {
-    return strdup(e.what());
+    return braid::error_message(e);
   }
 #else
   (void)device;
@@ -41,7 +43,7 @@ char *braid_cuda_reset_peak_memory(int64_t device) {
     c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
     return nullptr;
   } catch (const std::exception &e) {
-    return strdup(e.what());
+    return braid::error_message(e);
   }
 #else
   (void)device;

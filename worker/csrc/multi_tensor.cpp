@@ -5,6 +5,8 @@
 // message (null on success).
 
 #include <torch/torch.h>
+
+#include "error_message.h"
 #include <cstring>
 #include <string>
 #include <vector>
@@ -16,13 +18,6 @@ std::vector<at::Tensor> list(at::Tensor **ts, int64_t n) {
   out.reserve(n);
   for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
   return out;
-}
-
-char *error_message(const std::exception &e) {
-  std::string msg = e.what();
-  auto cut = msg.find("\nException raised from");
-  if (cut != std::string::npos) msg.resize(cut);
-  return strdup(msg.c_str());
 }
 
 }  // namespace
@@ -53,7 +48,7 @@ char *braid_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **ex
     }
     return nullptr;
   } catch (const std::exception &e) {
-    return error_message(e);
+    return braid::error_message(e);
   }
 }
 
@@ -78,7 +73,7 @@ char *braid_clip_grad_norm(at::Tensor **grads, int64_t n, double max_norm, at::T
     *norm = new at::Tensor(total);
     return nullptr;
   } catch (const std::exception &e) {
-    return error_message(e);
+    return braid::error_message(e);
   }
 }
 
@@ -90,7 +85,7 @@ char *braid_foreach_zero(at::Tensor **ts, int64_t n) {
     at::_foreach_zero_(t);
     return nullptr;
   } catch (const std::exception &e) {
-    return error_message(e);
+    return braid::error_message(e);
   }
 }
 
@@ -105,7 +100,7 @@ char *braid_foreach_lerp(at::Tensor **self, at::Tensor **end, int64_t n, double 
     at::_foreach_lerp_(s, e, weight);
     return nullptr;
   } catch (const std::exception &e) {
-    return error_message(e);
+    return braid::error_message(e);
   }
 }
 

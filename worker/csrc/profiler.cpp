@@ -3,18 +3,13 @@
 // torch.profiler's export_chrome_trace writes). Errors come back as a malloc'd message.
 
 #include <torch/csrc/autograd/profiler_kineto.h>
+
+#include "error_message.h"
 #include <cstring>
 #include <set>
 #include <string>
 
 namespace {
-
-char *error_message(const std::exception &e) {
-  std::string msg = e.what();
-  auto cut = msg.find("\nException raised from");
-  if (cut != std::string::npos) msg.resize(cut);
-  return strdup(msg.c_str());
-}
 
 using torch::profiler::impl::ActivityType;
 using torch::profiler::impl::ProfilerConfig;
@@ -35,7 +30,7 @@ char *braid_profiler_start(int cuda) {
     torch::autograd::profiler::enableProfiler(config(), activities);
     return nullptr;
   } catch (const std::exception &e) {
-    return error_message(e);
+    return braid::error_message(e);
   }
 }
 
@@ -46,7 +41,7 @@ char *braid_profiler_stop(const char *path) {
     result->save(path);
     return nullptr;
   } catch (const std::exception &e) {
-    return error_message(e);
+    return braid::error_message(e);
   }
 }
 
